@@ -1,0 +1,5 @@
+import sys
+
+from calibprompt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,6 @@
+"""Med-VLM backbones behind one interface (:class:`Backbone`), and the registry that builds them."""
+
+from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
+from calibprompt.backbones.registry import BACKBONE_KEYS, list_backbones, load_backbone
+
+__all__ = ["Backbone", "BackboneInfo", "WeightsError", "BACKBONE_KEYS", "list_backbones", "load_backbone"]

@@ -1,0 +1,65 @@
+"""``calibprompt train``, ``calibprompt eval`` and ``calibprompt methods``."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    for name, helptext in (("train", "tune prompts on a config and evaluate them"),
+                           ("eval", "evaluate zero-shot (method: zeroshot) or saved prompts (--prompt)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", help="run config (YAML)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set train.epochs=10 (repeatable)")
+        p.add_argument("--out", required=True, help="output folder")
+        p.add_argument("--split", help="reuse a few-shot split file (JSON) written by an earlier run")
+        p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a finished run of a different config in --out")
+        p.add_argument("--quiet", action="store_true", help="no progress bars; print only the JSON summary")
+        if name == "eval":
+            p.add_argument("--prompt", help="prompt.safetensors of a finished run to evaluate")
+        p.set_defaults(func=_run_command)
+
+    p = sub.add_parser("methods", help="list method presets")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_methods)
+
+
+def _run_command(args) -> int:
+    from calibprompt.config import load_config
+    from calibprompt.run import run
+
+    overrides = list(args.overrides)
+    if args.split:
+        overrides.append(f"split_file={args.split}")
+    if args.device:
+        overrides.append(f"device={args.device}")
+    cfg = load_config(args.config, overrides)
+    ctx_from = getattr(args, "prompt", None)
+    if args.command == "eval" and ctx_from is None and cfg["method"].get("name") != "zeroshot":
+        raise ValueError("eval needs --prompt FILE, or a config with method: zeroshot")
+    result = run(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, ctx_from=ctx_from)
+    summary = {k: result["metrics"][k] for k in ("accuracy", "ece", "mce", "ace", "nll", "brier")}
+    if args.quiet:
+        print(json.dumps({"run_id": result["run_id"], "out": args.out, **summary}))
+    else:
+        print(f"run {result['run_id']} · {result['method']} · {result['backbone']} · {result['dataset']}")
+        print("  " + "  ".join(f"{k} {v * 100:.2f}%" if k not in ("nll", "brier") else f"{k} {v:.4f}"
+                               for k, v in summary.items()))
+        print(f"  files in {args.out}")
+    return 0
+
+
+def _methods(args) -> int:
+    from calibprompt.methods import list_methods
+
+    methods = list_methods()
+    if args.json:
+        print(json.dumps(methods, indent=2))
+        return 0
+    width = max(len(m["name"]) for m in methods)
+    for m in methods:
+        print(f"{m['name']:<{width}}  {m['description']}")
+    return 0

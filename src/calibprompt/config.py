@@ -1,0 +1,176 @@
+"""Run configuration: strict loading, ``--set`` overrides, resolution and the run identity hash.
+
+A config is a YAML mapping. Closed sections (``prompt``, ``train``, ``eval``) and top-level keys are
+checked here; open sections (``backbone``, ``data``, ``method`` parameters) are checked by the code that
+consumes them. Any unknown key is an error naming the key and the valid ones.
+
+The run identity is the sha256 of the *resolved* config (method expanded into its losses, defaults
+filled in) without the keys that cannot change results (``device`` placement aside, which is recorded
+but not hashed, and ``cache_dir``). A finished run is reused only when this hash matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from calibprompt.settings import sha256_json
+
+DEFAULTS: dict[str, Any] = {
+    "name": None,  # free label shown in reports
+    "seed": 1,
+    "shots": 8,
+    "val_shots": 0,  # held-out shots per class for post-hoc calibration / tuning (disjoint from train)
+    "split_file": None,  # reuse a saved few-shot split (JSON)
+    "backbone": {},
+    "data": {},
+    "method": {"name": "calibprompt"},  # preset name plus its parameters (see `calibprompt methods`)
+    "losses": None,  # explicit loss list; only with method name "custom"
+    "posthoc": None,  # post-hoc calibrator fitted on the validation shots ("ts", "vs", "hb", "iso")
+    "prompt": {"n_ctx": 16, "init": None, "position": "end", "csc": False, "init_std": 0.02},
+    "train": {
+        "epochs": 50, "batch_size": 16, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4,
+        "warmup_epochs": 1, "warmup_lr": None,  # None: the backbone's preset (1e-3 MedCLIP, else 1e-5)
+        "optimizer": "sgd", "drop_last": True,
+        "n_views": None,  # augmented views per training image; None = one per epoch (as the paper)
+        "augment": True,  # False: every epoch uses the test transform (no crop/flip)
+        "aug_seed": 0,
+    },
+    "eval": {"n_bins": 10, "batch_size": 100},
+    "device": "cpu",  # "cpu", "cuda", "cuda:N" or "auto"
+    "cache_dir": None,  # feature cache root; None = $CALIBPROMPT_CACHE or ~/.cache/calibprompt
+}
+OPEN_SECTIONS = ("backbone", "data", "method")
+NOT_HASHED = ("device", "cache_dir", "name")
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader that also reads ``1e-3`` as a float (PyYAML's YAML 1.1 rules need ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)$"),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+class ConfigError(ValueError):
+    """A config key or value is invalid."""
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                base: dict | None = None) -> dict:
+    """Defaults <- YAML file <- ``base`` dict <- ``--set key=value`` overrides, validated."""
+    cfg = copy.deepcopy(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        merge(cfg, loaded, source=str(path))
+    if base:
+        merge(cfg, base, source="config")
+    for item in overrides or []:
+        merge(cfg, parse_override(item), source=f"--set {item}")
+    return cfg
+
+
+def parse_override(item: str) -> dict:
+    """``a.b=value`` -> {"a": {"b": value}}; the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value, e.g. train.epochs=10")
+    key, raw = item.split("=", 1)
+    value = yaml_load(raw) if raw != "" else None
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def merge(cfg: dict, update: dict, source: str, prefix: str = "") -> None:
+    """Merge ``update`` into ``cfg`` in place, rejecting unknown keys of closed sections."""
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in cfg and not _is_open(prefix):
+            valid = ", ".join(sorted(cfg))
+            raise ConfigError(f"{source}: unknown config key '{dotted}'. Valid keys here: {valid}")
+        if isinstance(cfg.get(key), dict) and isinstance(value, dict):
+            if key == "method" and "name" in value and value["name"] != cfg[key].get("name"):
+                cfg[key] = {}  # a new method: drop the previous method's parameters
+            merge(cfg[key], value, source, prefix=f"{dotted}.")
+        elif key == "method" and isinstance(value, str):
+            cfg[key] = {"name": value}
+        else:
+            cfg[key] = value
+
+
+def _is_open(prefix: str) -> bool:
+    return prefix.split(".")[0] in OPEN_SECTIONS if prefix else False
+
+
+def resolve(cfg: dict) -> dict:
+    """Fill in what the config leaves to presets: the method's losses and post-hoc step, and the
+    backbone's warm-up lr. The result is what gets hashed and recorded."""
+    from calibprompt.methods import resolve_method
+
+    out = copy.deepcopy(cfg)
+    method = dict(out["method"])
+    name = method.pop("name", None)
+    if not name:
+        raise ConfigError("method.name is required, e.g. method: {name: calibprompt, alpha: 0.1}")
+    if name == "custom":
+        if not out.get("losses"):
+            raise ConfigError("method 'custom' needs a `losses:` list of {name, weight, ...} entries")
+        out["resolved_method"] = {"name": "custom", "losses": out["losses"], "posthoc": out["posthoc"],
+                                  "trains": True}
+    else:
+        if out.get("losses"):
+            raise ConfigError("`losses:` is only used with method name 'custom'; remove it or set method.name: custom")
+        spec = resolve_method(name, **method)
+        posthoc = out["posthoc"] or spec.posthoc
+        if out["posthoc"] and spec.posthoc and out["posthoc"] != spec.posthoc:
+            raise ConfigError(f"posthoc {out['posthoc']!r} conflicts with method {name!r} ({spec.posthoc!r})")
+        out["resolved_method"] = {"name": spec.name, "losses": spec.losses, "posthoc": posthoc,
+                                  "trains": spec.trains}
+    if out["resolved_method"]["posthoc"] and int(out["val_shots"]) < 1:
+        raise ConfigError(
+            f"post-hoc calibrator {out['resolved_method']['posthoc']!r} is fitted on validation shots: "
+            "set val_shots (e.g. val_shots: 4)"
+        )
+    if out["train"]["warmup_lr"] is None:
+        out["train"]["warmup_lr"] = backbone_default(out["backbone"], "warmup_lr", 1e-5)
+    return out
+
+
+def backbone_default(backbone_cfg: dict, key: str, fallback: Any) -> Any:
+    """A registry default for the configured backbone (e.g. MedCLIP's warm-up lr 1e-3)."""
+    from calibprompt.backbones import list_backbones
+
+    name = backbone_cfg.get("name")
+    for entry in list_backbones():
+        if entry.get("name") == name and entry.get(key) is not None:
+            return entry[key]
+    return fallback
+
+
+def config_hash(resolved: dict) -> str:
+    """Identity of a run: sha256 of the resolved config minus keys that cannot change its results."""
+    return sha256_json({k: v for k, v in resolved.items() if k not in NOT_HASHED})
+
+
+def dump(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)

@@ -1,0 +1,152 @@
+"""Frozen image features, computed once and reused.
+
+The image encoder is frozen, so a feature depends only on (weights, preprocessing, image content,
+augmentation view). Each feature is stored on disk as one small safetensors file named by the sha256 of
+that identity, and reused across epochs, methods, seeds and runs. Training augmentation comes from a
+bank of pre-computed views per image: view ``v`` of an image is the paper's random-resized-crop + flip
+drawn from an RNG seeded by (image content, v, aug_seed), so it is the same view in every run.
+
+Safety: files are written atomically (concurrent writers of the same key write identical bytes), carry
+their key in the metadata, and are validated on load (key, shape, finiteness); a bad file is recomputed.
+No pickle is ever read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from calibprompt.backbones.base import Backbone
+from calibprompt.settings import cache_dir, sha256_json
+
+log = logging.getLogger(__name__)
+
+
+class FeatureCache:
+    """Content-keyed store of frozen image features.
+
+    ``encoded`` counts images actually passed through the image encoder (cache misses), so reuse can
+    be measured; ``hits`` counts features served from memory or disk."""
+
+    def __init__(self, root: str | Path | None = None, memory: bool = True):
+        self.root = Path(root) if root is not None else cache_dir() / "features"
+        self.memory: dict[str, torch.Tensor] | None = {} if memory else None
+        self.encoded = 0
+        self.hits = 0
+
+    # ---- keys ---------------------------------------------------------------------------------
+    @staticmethod
+    def key(weights: str, transform: dict, content: str, view: int | None, aug_seed: int) -> str:
+        return sha256_json({"weights": weights, "transform": transform, "content": content,
+                            "view": view, "aug_seed": aug_seed if view is not None else None})
+
+    def _path(self, weights: str, key: str) -> Path:
+        return self.root / weights[:16] / key[:2] / f"{key}.safetensors"
+
+    # ---- public ---------------------------------------------------------------------------------
+    def features(self, backbone: Backbone, dataset, samples: Sequence, view: int | None = None,
+                 aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """(N, embed_dim) float32 features of ``samples`` (test transform when ``view`` is None,
+        else augmentation view ``view``). Missing ones are computed in batches and stored."""
+        weights = backbone.fingerprint()
+        train = view is not None
+        transform_desc = backbone.preprocess.describe(train)
+        keys = [self.key(weights, transform_desc, dataset.content_hash(s), view, aug_seed) for s in samples]
+        out: list[torch.Tensor | None] = [self._lookup(weights, k, backbone.info.embed_dim) for k in keys]
+        missing = [i for i, f in enumerate(out) if f is None]
+        if missing:
+            transform = backbone.image_transform(train)
+            device = next(backbone.parameters()).device
+            dtype = next(backbone.parameters()).dtype
+            bar = _progress(len(missing), f"encoding {'view ' + str(view) if train else 'test'} images",
+                            progress)
+            for start in range(0, len(missing), batch_size):
+                chunk = missing[start : start + batch_size]
+                pixels = torch.stack([
+                    _apply(transform, dataset.load(samples[i]), keys[i] if train else None) for i in chunk
+                ])
+                with torch.no_grad():
+                    feats = backbone.encode_image(pixels.to(device=device, dtype=dtype)).float().cpu()
+                self.encoded += len(chunk)
+                for i, feat in zip(chunk, feats):
+                    out[i] = feat
+                    self._store(weights, keys[i], feat)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def view_bank(self, backbone: Backbone, dataset, samples: Sequence, n_views: int,
+                  aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """(N, n_views, embed_dim) features of ``n_views`` augmented views of each sample."""
+        views = [self.features(backbone, dataset, samples, view=v, aug_seed=aug_seed,
+                               batch_size=batch_size, progress=False) for v in
+                 _iterate(range(n_views), "encoding augmented views", progress)]
+        return torch.stack(views, dim=1)
+
+    # ---- storage --------------------------------------------------------------------------------
+    def _lookup(self, weights: str, key: str, dim: int) -> torch.Tensor | None:
+        if self.memory is not None and key in self.memory:
+            self.hits += 1
+            return self.memory[key]
+        path = self._path(weights, key)
+        if not path.is_file():
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+                feat = handle.get_tensor("feature")
+            if meta.get("key") != key or feat.shape != (dim,) or not bool(torch.isfinite(feat).all()):
+                raise ValueError("content does not match its key")
+        except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
+            log.warning("discarding invalid cache entry %s (%s)", path, err)
+            path.unlink(missing_ok=True)
+            return None
+        self.hits += 1
+        if self.memory is not None:
+            self.memory[key] = feat
+        return feat
+
+    def _store(self, weights: str, key: str, feat: torch.Tensor) -> None:
+        if self.memory is not None:
+            self.memory[key] = feat
+        path = self._path(weights, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(feat)}.tmp")
+        save_file({"feature": feat.contiguous()}, str(tmp), metadata={"key": key})
+        os.replace(tmp, path)  # atomic; a concurrent writer of the same key writes the same bytes
+
+
+def _apply(transform, image, view_key: str | None) -> torch.Tensor:
+    """Apply ``transform``; for an augmentation view, seed its randomness from the view's key so
+    the same (image, view) always gives the same crop and flip, whatever process computes it."""
+    if view_key is None:
+        return transform(image)
+    seed = int.from_bytes(hashlib.sha256(view_key.encode()).digest()[:8], "little") & (2**63 - 1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def _iterate(items, desc: str, enabled: bool):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, leave=False)

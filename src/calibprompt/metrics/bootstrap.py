@@ -1,0 +1,98 @@
+"""Percentile bootstrap confidence intervals over test samples.
+
+Resample b = 1..B draws N row indices with replacement from ``np.random.default_rng(seed)``
+(one ``integers(0, N, N)`` call per resample, in order), recomputes the metric on those rows, and
+reports the (1 − level)/2 and (1 + level)/2 percentiles (NumPy's linear interpolation) of the B
+values. Same seed and inputs give the same intervals. NaN values of a resample (e.g. mean_pred_ece
+when a class is never predicted) are left out of the percentiles; all-NaN gives (nan, nan).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .inputs import INPUT_KINDS, Closed, TopLabel, check_choice, check_labels, check_scores, probs_from
+from .suite import check_options, compute, metric_names
+
+MetricFn = Callable[[np.ndarray, np.ndarray], "float | Mapping[str, float]"]
+
+
+def _names(metrics: str | Sequence[str] | None, convention: str) -> tuple[str, ...]:
+    if metrics is None:
+        return metric_names(convention)
+    names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    if not names:
+        raise ValueError("metrics is empty; pass None for every metric or a list of metric names")
+    return names
+
+
+def _interval(values: list[float], level: float) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    if arr.size == 0:
+        return (math.nan, math.nan)
+    lo, hi = np.percentile(arr, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return (float(lo), float(hi))
+
+
+def bootstrap_ci(
+    metrics: str | Sequence[str] | MetricFn | None,
+    logits: Any,
+    labels: Any,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    *,
+    inputs: str = "logits",
+    n_bins: int = 10,
+    convention: str = "standard",
+    closed: Closed = "left",
+) -> dict[str, tuple[float, float]]:
+    """Percentile-bootstrap CIs {metric: (low, high)} over the N test samples.
+
+    metrics: None for every metric of ``calibration_metrics(..., convention)`` (ECE-KDE under
+    "reference" costs O(N²) per resample), a name or list of names, or a function
+    ``fn(scores, labels) -> float | {name: float}`` called on each resample of the rows of
+    ``logits`` (or of probabilities with inputs="probs"). A single float is reported as "metric".
+    """
+    check_choice(inputs, INPUT_KINDS, "inputs")
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive integer, got {n_resamples!r} (use >= 1000 for reports)")
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must lie strictly between 0 and 1, got {level!r} (e.g. 0.95)")
+    n_bins, convention, closed = check_options(n_bins, convention, closed)
+    rng = np.random.default_rng(seed)
+
+    if callable(metrics):
+        x = check_scores(logits, "logits" if inputs == "logits" else "probs")
+        y = check_labels(labels, x.shape[0], x.shape[1])
+
+        def one(idx: np.ndarray) -> Mapping[str, float]:
+            value = metrics(x[idx], y[idx])
+            return value if isinstance(value, Mapping) else {"metric": value}
+    else:
+        names = _names(metrics, convention)
+        probs, y = probs_from(logits, labels, inputs)
+        unknown = [n for n in names if n not in metric_names(convention)]
+        if unknown:
+            raise ValueError(
+                f"unknown metric(s) {unknown} for convention={convention!r}; "
+                f"valid names: {', '.join(metric_names(convention))}"
+            )
+
+        def one(idx: np.ndarray) -> Mapping[str, float]:
+            return compute(TopLabel.of(probs[idx], y[idx]), names, n_bins, convention, closed)
+
+    n = int(y.shape[0])
+    samples: dict[str, list[float]] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for _ in range(int(n_resamples)):
+            for name, value in one(rng.integers(0, n, n)).items():
+                samples.setdefault(name, []).append(float(value))
+    return {name: _interval(vals, float(level)) for name, vals in samples.items()}

@@ -1,0 +1,89 @@
+"""Where things live (shared data, caches) and the two file primitives every layer relies on:
+atomic writes and content hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+DATA_ENV = "CALIBPROMPT_DATA"
+CACHE_ENV = "CALIBPROMPT_CACHE"
+
+
+def data_dir() -> Path:
+    """Folder of the shared test data: ``$CALIBPROMPT_DATA``, else ``../shared/data``."""
+    return Path(os.environ.get(DATA_ENV, "../shared/data")).expanduser()
+
+
+def shared_file(relative: str) -> Path:
+    """Path of a file inside the shared data folder; raises FileNotFoundError naming the setting."""
+    path = data_dir() / relative
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found. Point the environment variable {DATA_ENV} at the folder that holds "
+            f"'{relative}' (CI sets it to ../shared/data)."
+        )
+    return path
+
+
+def cache_dir() -> Path:
+    """Root of calibprompt's persistent cache: ``$CALIBPROMPT_CACHE``, else ``~/.cache/calibprompt``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "calibprompt"
+    )
+    return Path(root)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    """Hash of a JSON-serialisable object, independent of key order."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

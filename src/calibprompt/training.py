@@ -1,0 +1,295 @@
+"""Prompt tuning over cached image features.
+
+Per step only the text encoder runs: the K class prompts are assembled from the context vectors, encoded
+(trimmed to their real length, which is exact), and compared with the cached features of the batch.
+
+Protocol defaults (paper, method.md §4): 50 epochs, batch 16 with ``drop_last`` when the training set
+has >= 16 images, SGD lr 0.002 momentum 0.9 weight decay 5e-4, one constant warm-up epoch at 1e-5, then
+cosine decay stepped once per epoch: epoch k >= 1 uses lr/2 * (1 + cos(pi (k-1) / epochs)).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from calibprompt.backbones.base import Backbone
+from calibprompt.prompts import PromptLearner
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    optimizer: str = "sgd"
+    drop_last: bool = True  # applied only when the training set has >= batch_size images (Dassl)
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"train.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        for key in ("epochs", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0 or self.warmup_lr < 0:
+            raise ValueError("train.lr must be > 0 and train.warmup_lr >= 0")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate of epoch ``epoch`` (0-based): constant warm-up, then cosine per epoch."""
+        if epoch < self.warmup_epochs:
+            return self.warmup_lr
+        k = epoch - self.warmup_epochs
+        return 0.5 * self.lr * (1 + math.cos(math.pi * k / self.epochs))
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # mean loss per epoch
+    steps: int = 0
+    seconds: float = 0.0
+    text_tokens: int = 0  # token positions processed by the text encoder (forward)
+
+
+def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum,
+                               weight_decay=settings.weight_decay, dampening=0, nesterov=False)
+    return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def class_logits(image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """exp(s) * <f_i/|f_i|, t_k/|t_k|>; ``text_features`` are already normalised."""
+    return scale * F.normalize(image_features, dim=-1) @ text_features.t()
+
+
+def view_schedule(n_images: int, n_views: int, epochs: int, generator: torch.Generator) -> torch.Tensor:
+    """(epochs, n_images) view index per epoch and image: a fresh view every epoch when the bank has
+    one view per epoch (the paper's on-the-fly augmentation); random views when it has fewer."""
+    if n_views >= epochs:
+        return torch.arange(epochs).unsqueeze(1).expand(epochs, n_images).clone()
+    return torch.randint(n_views, (epochs, n_images), generator=generator)
+
+
+def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: torch.Tensor,
+                  labels: torch.Tensor, settings: TrainSettings, seed: int,
+                  zs_text_features: torch.Tensor | None = None, progress: bool = False) -> TrainResult:
+    """Tune ``learner.ctx`` on cached features ``views`` (N, V, E) with labels (N,).
+
+    ``objective`` is a callable ``(logits, labels, text_features, zs_logits=, zs_text_features=)``
+    (see :func:`calibprompt.losses.build_objective`); zero-shot logits are computed from the batch
+    features and ``zs_text_features`` when the objective needs them."""
+    settings.validate()
+    device = learner.ctx.device
+    generator = torch.Generator().manual_seed(seed)
+    needs = getattr(objective, "needs", set())
+    if needs & {"zs_logits", "zs_text_features"} and zs_text_features is None:
+        raise ValueError(f"objective needs zero-shot features ({sorted(needs)}) but none were given")
+    n = views.shape[0]
+    drop_last = settings.drop_last and n >= settings.batch_size
+    schedule = view_schedule(n, views.shape[1], settings.epochs, generator)
+    optimizer = make_optimizer([learner.ctx], settings)
+    scale = backbone.logit_scale.to(device).float()
+    views, labels = views.to(device), labels.to(device)
+    result = TrainResult()
+    start = time.perf_counter()
+    epochs = range(settings.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc="prompt tuning", leave=False)
+    learner.train()
+    for epoch in epochs:
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr_at(epoch)
+        order = torch.randperm(n, generator=generator)
+        stop = n - n % settings.batch_size if drop_last else n
+        epoch_losses = []
+        for begin in range(0, stop, settings.batch_size):
+            idx = order[begin : begin + settings.batch_size]
+            feats = views[idx.to(device), schedule[epoch, idx].to(device)]
+            text = learner.text_features(backbone)
+            logits = class_logits(feats, text, scale)
+            extra = {}
+            if zs_text_features is not None and needs & {"zs_logits", "zs_text_features"}:
+                extra = {"zs_logits": class_logits(feats, zs_text_features, scale),
+                         "zs_text_features": zs_text_features}
+            loss = objective(logits, labels[idx.to(device)], text, **extra)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            epoch_losses.append(float(loss.detach()))
+            result.steps += 1
+            result.text_tokens += int(learner.ids.numel())
+        result.losses.append(sum(epoch_losses) / max(len(epoch_losses), 1))
+    learner.eval()
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner], objectives: Sequence,
+                          views: torch.Tensor, labels: torch.Tensor,
+                          settings: TrainSettings | Sequence[TrainSettings], seeds: int | Sequence[int],
+                          zs_text_features: torch.Tensor | None = None, max_prompts: int | None = None,
+                          progress: bool = False) -> list[TrainResult]:
+    """Train several configurations' context vectors in lockstep, with one text-encoder pass per step
+    for all of them (their C x K prompts stacked into one batch).
+
+    Configuration ``c`` ends exactly where ``train_prompts(backbone, learners[c], objectives[c], views,
+    labels, settings[c], seeds[c])`` would: the same batches and views (its own generator), the same
+    optimizer, schedule and loss. Each prompt sequence goes through the text encoder independently of
+    the others (per-sequence attention masks, no batch statistics), so the sum of the C losses gives
+    each context exactly its own gradient; results differ from the sequential ones only by float
+    rounding of the larger matrix products. On CPU, one pass over C*K short sequences costs far less
+    than C passes over K of them (the weights are read once per step instead of C times).
+
+    Requirements: every learner has the same prompt layout (token ids, n_ctx, class position; CSC and
+    shared contexts may be mixed), and every configuration the same ``epochs``, ``batch_size`` and
+    ``drop_last`` so their steps line up; learning rate, warm-up, momentum, weight decay and optimizer
+    may differ. ``settings``/``seeds`` may be one value for all. ``max_prompts`` bounds the sequences
+    per text-encoder pass (memory); configurations are then processed in chunks, each with its own
+    forward and backward. ``TrainResult.seconds`` is each configuration's share of the wall time."""
+    learners = list(learners)
+    objectives = list(objectives)
+    n_cfg = len(learners)
+    if n_cfg == 0:
+        raise ValueError("train_prompts_batched needs at least one prompt learner")
+    if len(objectives) != n_cfg:
+        raise ValueError(f"{len(objectives)} objectives for {n_cfg} prompt learners; give one per learner")
+    if len({id(learner) for learner in learners}) != n_cfg:
+        raise ValueError("the same PromptLearner was passed twice; each configuration needs its own")
+    settings_list = list(settings) if isinstance(settings, (list, tuple)) else [settings] * n_cfg
+    seed_list = [int(s) for s in seeds] if isinstance(seeds, (list, tuple)) else [int(seeds)] * n_cfg
+    if len(settings_list) != n_cfg or len(seed_list) != n_cfg:
+        raise ValueError("give one TrainSettings and one seed per learner (or a single one for all)")
+    for s in settings_list:
+        s.validate()
+    first, base = learners[0], settings_list[0]
+    for i, (learner, s) in enumerate(zip(learners, settings_list)):
+        if (learner.ids.shape != first.ids.shape or not torch.equal(learner.ids, first.ids)
+                or learner.n_ctx != first.n_ctx or learner.position != first.position):
+            raise ValueError(f"learner {i} has another prompt layout (class names, n_ctx or position) than "
+                             "learner 0; batched training needs identical layouts")
+        if (s.epochs, s.batch_size, s.drop_last) != (base.epochs, base.batch_size, base.drop_last):
+            raise ValueError(f"settings {i} differ from settings 0 in epochs/batch_size/drop_last; their "
+                             "steps would not line up")
+    needs = [getattr(obj, "needs", set()) for obj in objectives]
+    zs_needed = [bool(nd & {"zs_logits", "zs_text_features"}) for nd in needs]
+    if any(zs_needed) and zs_text_features is None:
+        raise ValueError("an objective needs zero-shot features but none were given")
+    if max_prompts is not None and max_prompts < first.n_classes:
+        raise ValueError(f"max_prompts={max_prompts} is below the number of classes ({first.n_classes})")
+    per_pass = n_cfg if max_prompts is None else max(1, max_prompts // first.n_classes)
+    chunks = [list(range(i, min(i + per_pass, n_cfg))) for i in range(0, n_cfg, per_pass)]
+
+    device = first.ctx.device
+    n = views.shape[0]
+    drop_last = base.drop_last and n >= base.batch_size
+    generators = [torch.Generator().manual_seed(seed) for seed in seed_list]
+    schedules = [view_schedule(n, views.shape[1], base.epochs, g) for g in generators]
+    optimizers = [make_optimizer([learner.ctx], s) for learner, s in zip(learners, settings_list)]
+    scale = backbone.logit_scale.to(device).float()
+    views, labels = views.to(device), labels.to(device)
+    if zs_text_features is not None:
+        zs_text_features = zs_text_features.to(device)
+    results = [TrainResult() for _ in learners]
+    start = time.perf_counter()
+    epochs = range(base.epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epochs = tqdm(epochs, desc=f"prompt tuning x{n_cfg}", leave=False)
+    for learner in learners:
+        learner.train()
+    stop = n - n % base.batch_size if drop_last else n
+    tokens_per_cfg = int(first.ids.numel())
+    for epoch in epochs:
+        for optimizer, s in zip(optimizers, settings_list):
+            for group in optimizer.param_groups:
+                group["lr"] = s.lr_at(epoch)
+        orders = [torch.randperm(n, generator=g) for g in generators]
+        epoch_losses: list[list[float]] = [[] for _ in learners]
+        for begin in range(0, stop, base.batch_size):
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            for chunk in chunks:
+                pieces = [learners[c]() for c in chunk]
+                embeddings = torch.cat([emb for emb, _ in pieces])
+                ids = torch.cat([learners[c]._pooling_ids(ids) for c, (_, ids) in zip(chunk, pieces)])
+                text = F.normalize(backbone.encode_embeddings(embeddings, ids).float(), dim=-1)
+                text = text.view(len(chunk), first.n_classes, -1)
+                total = None
+                for j, c in enumerate(chunk):
+                    idx = orders[c][begin : begin + base.batch_size]
+                    feats = views[idx.to(device), schedules[c][epoch, idx].to(device)]
+                    extra = {}
+                    if zs_needed[c]:
+                        extra = {"zs_logits": class_logits(feats, zs_text_features, scale),
+                                 "zs_text_features": zs_text_features}
+                    loss = objectives[c](class_logits(feats, text[j], scale), labels[idx.to(device)],
+                                         text[j], **extra)
+                    epoch_losses[c].append(float(loss.detach()))
+                    total = loss if total is None else total + loss
+                total.backward()
+            for c, optimizer in enumerate(optimizers):
+                optimizer.step()
+                results[c].steps += 1
+                results[c].text_tokens += tokens_per_cfg
+        for c, losses in enumerate(epoch_losses):
+            results[c].losses.append(sum(losses) / max(len(losses), 1))
+    for learner in learners:
+        learner.eval()
+    share = (time.perf_counter() - start) / n_cfg
+    for result in results:
+        result.seconds = share
+    return results
+
+
+@torch.no_grad()
+def batched_text_features(backbone: Backbone, learners: Sequence[PromptLearner],
+                          max_prompts: int | None = None) -> torch.Tensor:
+    """(C, K, embed_dim) normalised class features of C learners of one prompt layout, computed in as few
+    text-encoder passes as ``max_prompts`` allows (equal to each ``learner.text_features(backbone)``
+    up to float rounding)."""
+    learners = list(learners)
+    k = learners[0].n_classes
+    per_pass = len(learners) if max_prompts is None else max(1, max_prompts // k)
+    out = []
+    for i in range(0, len(learners), per_pass):
+        chunk = learners[i : i + per_pass]
+        pieces = [learner() for learner in chunk]
+        embeddings = torch.cat([emb for emb, _ in pieces])
+        ids = torch.cat([learner._pooling_ids(ids) for learner, (_, ids) in zip(chunk, pieces)])
+        out.append(F.normalize(backbone.encode_embeddings(embeddings, ids).float(), dim=-1).view(len(chunk), k, -1))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_logits(features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+                   batch_size: int = 100) -> torch.Tensor:
+    """Logits of cached features in batches (test batch 100 as in the paper)."""
+    text_features = text_features.to(features.device)
+    return torch.cat([class_logits(features[i : i + batch_size], text_features, scale.to(features.device).float())
+                      for i in range(0, features.shape[0], batch_size)])
+
+
+@torch.no_grad()
+def zero_shot_text_features(backbone: Backbone, classnames: list[str], template: str) -> torch.Tensor:
+    """Normalised (K, E) features of the hand-written prompts ``template.format(classname)``."""
+    ids = backbone.tokenize([template.format(c.replace("_", " ")) for c in classnames])
+    device = next(backbone.parameters()).device
+    return F.normalize(backbone.encode_text(ids.to(device)).float(), dim=-1)
+
+
+def settings_dict(settings: TrainSettings) -> dict:
+    return asdict(settings)
