@@ -63,7 +63,7 @@ def test_realistic_logits_are_informative(breast_logits):
     z, y = breast_logits
     m = calibration_metrics(z, y)
     assert len(y) == 156 and 0.6 < m["accuracy"] < 0.95
-    assert m["ece"] > 0.02  # a miscalibrated model, so the cross-checks compare non-trivial numbers
+    assert m["ece"] > 0.01  # a miscalibrated model, so the cross-checks compare non-trivial numbers
 
 
 def test_netcal_equal_width_and_equal_mass(breast_logits, multiclass):
@@ -86,7 +86,7 @@ def test_netcal_equal_width_and_equal_mass(breast_logits, multiclass):
 
 
 def test_torchmetrics_l1_and_max(breast_logits, multiclass):
-    torch = pytest.importorskip("torch")
+    import torch
     from torchmetrics.classification import MulticlassCalibrationError
 
     for _, z, y in _cases(breast_logits, multiclass):
@@ -105,7 +105,7 @@ def test_torchmetrics_l1_and_max(breast_logits, multiclass):
 
 
 def test_relplot_smece(breast_logits, multiclass):
-    relplot = pytest.importorskip("relplot")
+    import relplot
     for _, z, y in _cases(breast_logits, multiclass):
         p = softmax(z, axis=1)
         f, c = p.max(1), (p.argmax(1) == y).astype(float)

@@ -67,6 +67,12 @@ def test_ace_by_hand_uses_linear_percentile_edges():
     m = calibration_metrics_from_probs(p, y, n_bins=3, convention="reference")
     assert m["ace"] == m["adaptive_ece"] == pytest.approx(expected, abs=1e-12)
     assert m["ace_effective_bins"] == 3
+    # N = 10, M = 4: linear edges 0.6125, 0.725, 0.8375 give groups of 3, 2, 2, 3 (the inverted-CDF
+    # rules sklearn >= 1.9 defaults to would give 2, 3, 2, 3)
+    conf = [0.50, 0.55, 0.60, 0.65, 0.70, 0.75, 0.80, 0.85, 0.90, 0.95]
+    p, y = rows(conf, [1, 0, 0, 1, 1, 0, 1, 1, 0, 1])
+    expected = (3 * (0.55 - 1 / 3) + 2 * (1 - 0.675) + 2 * (0.775 - 0.5) + 3 * (0.9 - 2 / 3)) / 10  # 0.255
+    assert ace_reference(p, y, 4) == pytest.approx(expected, abs=1e-12)
 
 
 def test_ace_ties_remove_narrow_bins():
@@ -75,6 +81,12 @@ def test_ace_ties_remove_narrow_bins():
     m = calibration_metrics_from_probs(p, y, n_bins=3, convention="reference")
     assert m["ace_effective_bins"] == 1
     assert m["ace"] == pytest.approx(abs(0.5 - 3.9 / 6), abs=1e-12)
+    # an edge within 1e-8 of the previous one is dropped even though a sample sits between them:
+    # edges 0.5, 0.7, 0.7 + 4e-9, 0.9 -> 0.5, 0.7, 0.9, so the bins are {0.5} and {0.7, 0.7 + 4e-9, 0.9}
+    p, y = rows([0.5, 0.7, 0.7 + 4e-9, 0.9], [1, 0, 1, 1])
+    m = calibration_metrics_from_probs(p, y, n_bins=3, convention="reference")
+    assert m["ace_effective_bins"] == 2
+    assert m["ace"] == pytest.approx(0.25 * 0.5 + 0.75 * abs(2 / 3 - (2.3 + 4e-9) / 3), abs=1e-12)
     # constant confidence: sklearn makes a single bin
     p, y = rows([0.7] * 4, [1, 0, 0, 0])
     assert ace_reference(p, y) == pytest.approx(0.45, abs=1e-12)
@@ -101,16 +113,21 @@ def _kbins_ace(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
 
 @pytest.mark.parametrize("decimals", [None, 2, 1])
 def test_ace_matches_sklearn_kbinsdiscretizer(decimals):
+    # labels drawn from p itself: calibrated in expectation, so bin gaps take both signs and the
+    # ACE depends on where the edges fall (an all-overconfident model would hide binning errors)
     rng = np.random.default_rng(1)
-    logits = rng.normal(size=(500, 4)) * 2.5
-    labels = rng.integers(0, 4, 500)
-    p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    p = rng.dirichlet(np.ones(4) * 0.6, size=500)
+    labels = np.array([rng.choice(4, p=row) for row in p])
     if decimals is not None:  # many ties, so bins get pruned
         top = np.round(p.max(1), decimals)
         p, labels = rows(np.clip(top, 0.3, 1.0), p.argmax(1) == labels)
     conf, correct = p.max(1), (p.argmax(1) == labels).astype(float)
+    values = set()
     for m in (5, 10, 15):
-        assert ace_reference(p, labels, m) == pytest.approx(_kbins_ace(conf, correct, m), abs=1e-12)
+        ours = ace_reference(p, labels, m)
+        assert ours == pytest.approx(_kbins_ace(conf, correct, m), abs=1e-12)
+        values.add(round(ours, 9))
+    assert len(values) >= 2  # the bins change the value for these data
 
 
 def test_ece_kde_by_hand():

@@ -126,6 +126,7 @@ def test_single_class_present_macro_f1():
     assert macro_f1(p, y, classes="present") == pytest.approx(0.8)
     m = calibration_metrics_from_probs(p, y)
     assert m["macro_f1"] == pytest.approx(0.8 / 3)
+    assert calibration_metrics_from_probs(p, y, convention="reference")["macro_f1"] == pytest.approx(0.8)
     # classwise: class 2 has p = 0.1 everywhere against 0 -> 0.1; class 1: 0.2,0.3 vs 0 and 0.7 vs 0
     assert m["classwise_ece"] == pytest.approx((abs(1 - 0.65) * 2 / 3 + 0.8 / 3 + (0.2 + 0.3 + 0.7) / 3 + 0.1) / 3)
 
@@ -143,6 +144,7 @@ def test_binary_two_columns():
 def test_right_closed_matches_left_when_no_value_on_an_edge():
     rng = np.random.default_rng(3)
     p = rng.dirichlet(np.ones(4) * 0.7, size=300)
-    y = rng.integers(0, 4, 300)
+    y = np.array([rng.choice(4, p=row) for row in p])  # calibrated: bin gaps of both signs
     for fn in (ece, mce, classwise_ece):
         assert fn(p, y, closed="right") == pytest.approx(fn(p, y), abs=1e-12)
+    assert ece(p, y, 10) != pytest.approx(ece(p, y, 7), abs=1e-6)  # binning matters for these data

@@ -152,6 +152,11 @@ def test_selective_by_hand():
         curve = risk_coverage_curve(p, y, inputs="probs")
         assert curve.coverage.tolist() == [0.5, 1.0] and curve.risk.tolist() == [0.5, 0.25]
         assert selective_metrics(p, y, inputs="probs")["aurc"] == pytest.approx(0.5 * 0.5 + 0.5 * 0.25)
+    # unequal tie groups: points (0.75, 1/3) and (1.0, 1/4); AURC is the step integral, not a mean
+    p = np.array([[0.9, 0.1]] * 3 + [[0.5, 0.5]])
+    m = selective_metrics(p, np.array([1, 0, 0, 0]), inputs="probs")
+    assert m["aurc"] == pytest.approx(0.75 / 3 + 0.25 * 0.25)
+    assert m["accuracy_at_90_coverage"] == 0.75 and m["coverage_at_90"] == 1.0
 
 
 def test_accuracy_at_90_coverage_without_ties(data):

@@ -151,6 +151,9 @@ def resolve(cfg: dict) -> dict:
             f"post-hoc calibrator {out['resolved_method']['posthoc']!r} is fitted on validation shots: "
             "set val_shots (e.g. val_shots: 4)"
         )
+    from calibprompt.data import check_data_config
+
+    check_data_config(out["data"])  # unknown data keys fail before any model is loaded
     if out["train"]["warmup_lr"] is None:
         out["train"]["warmup_lr"] = backbone_default(out["backbone"], "warmup_lr", 1e-5)
     return out

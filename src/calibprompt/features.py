@@ -55,42 +55,76 @@ class FeatureCache:
                  aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         """(N, embed_dim) float32 features of ``samples`` (test transform when ``view`` is None,
         else augmentation view ``view``). Missing ones are computed in batches and stored."""
-        weights = backbone.fingerprint()
-        train = view is not None
-        transform_desc = backbone.preprocess.describe(train)
-        keys = [self.key(weights, transform_desc, dataset.content_hash(s), view, aug_seed) for s in samples]
-        out: list[torch.Tensor | None] = [self._lookup(weights, k, backbone.info.embed_dim) for k in keys]
-        missing = [i for i, f in enumerate(out) if f is None]
-        if missing:
-            transform = backbone.image_transform(train)
-            device = next(backbone.parameters()).device
-            dtype = next(backbone.parameters()).dtype
-            bar = _progress(len(missing), f"encoding {'view ' + str(view) if train else 'test'} images",
-                            progress)
-            for start in range(0, len(missing), batch_size):
-                chunk = missing[start : start + batch_size]
-                pixels = torch.stack([
-                    _apply(transform, dataset.load(samples[i]), keys[i] if train else None) for i in chunk
-                ])
-                with torch.no_grad():
-                    feats = backbone.encode_image(pixels.to(device=device, dtype=dtype)).float().cpu()
-                self.encoded += len(chunk)
-                for i, feat in zip(chunk, feats):
-                    out[i] = feat
-                    self._store(weights, keys[i], feat)
-                if bar is not None:
-                    bar.update(len(chunk))
-            if bar is not None:
-                bar.close()
-        return torch.stack(out)  # type: ignore[arg-type]
+        return self.prefetch(backbone, dataset, [(samples, view)], aug_seed=aug_seed, batch_size=batch_size,
+                             progress=progress)[0]
 
     def view_bank(self, backbone: Backbone, dataset, samples: Sequence, n_views: int,
                   aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """(N, n_views, embed_dim) features of ``n_views`` augmented views of each sample."""
-        views = [self.features(backbone, dataset, samples, view=v, aug_seed=aug_seed,
-                               batch_size=batch_size, progress=False) for v in
-                 _iterate(range(n_views), "encoding augmented views", progress)]
+        """(N, n_views, embed_dim) features of ``n_views`` augmented views of each sample.
+
+        All missing (image, view) pairs share one stream of full batches, so only the last batch is
+        padded (not one batch per view)."""
+        views = self.prefetch(backbone, dataset, [(samples, v) for v in range(n_views)], aug_seed=aug_seed,
+                              batch_size=batch_size, progress=progress)
+        if not views:
+            return torch.empty(len(samples), 0, backbone.info.embed_dim)
         return torch.stack(views, dim=1)
+
+    def prefetch(self, backbone: Backbone, dataset, groups: Sequence[tuple[Sequence, int | None]],
+                 aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> list[torch.Tensor]:
+        """Features of several ``(samples, view)`` groups at once: ``[features(samples, view), ...]``.
+
+        Every missing feature of every group is encoded in one stream of batches, so a caller that
+        needs e.g. the test set and the training set pays for one padded batch instead of two."""
+        weights = backbone.fingerprint()
+        dim = backbone.info.embed_dim
+        descs = {False: backbone.preprocess.describe(False), True: backbone.preprocess.describe(True)}
+        out: list[list[torch.Tensor | None]] = []
+        todo: list[tuple[int, int, object, str, bool]] = []  # (group, index, sample, key, train)
+        for g, (samples, view) in enumerate(groups):
+            train = view is not None
+            keys = [self.key(weights, descs[train], dataset.content_hash(s), view, aug_seed) for s in samples]
+            found = [self._lookup(weights, k, dim) for k in keys]
+            out.append(found)
+            todo += [(g, i, samples[i], keys[i], train) for i, f in enumerate(found) if f is None]
+        if todo:
+            self._encode(backbone, dataset, todo, out, weights, batch_size, progress)
+        return [torch.stack(feats) if feats else torch.empty(0, dim) for feats in out]  # type: ignore[misc]
+
+    def _encode(self, backbone: Backbone, dataset, todo: list, out: list, weights: str, batch_size: int,
+                progress: bool) -> None:
+        transforms = {}
+        device = next(backbone.parameters()).device
+        dtype = next(backbone.parameters()).dtype
+        trains = {t[4] for t in todo}
+        what = "augmented views" if trains == {True} else ("test images" if trains == {False} else "images")
+        bar = _progress(len(todo), f"encoding {what}", progress)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            tensors = []
+            for _, _, sample, key, train in chunk:
+                if train not in transforms:
+                    transforms[train] = backbone.image_transform(train)
+                tensors.append(_apply(transforms[train], dataset.load(sample), key if train else None))
+            pixels = torch.stack(tensors)
+            # Always encode a full batch (zero-padded): the encoder's output for one image changes in
+            # the last bits with the batch size, so without padding a cached feature would depend on
+            # which other images happened to be missing, i.e. on the order in which runs executed.
+            if len(chunk) < batch_size:
+                pad = pixels.new_zeros((batch_size - len(chunk), *pixels.shape[1:]))
+                pixels = torch.cat([pixels, pad])
+            with torch.no_grad():
+                feats = backbone.encode_image(pixels.to(device=device, dtype=dtype)).float().cpu()
+            feats = feats[: len(chunk)]
+            self.encoded += len(chunk)
+            for (g, i, _, key, _), feat in zip(chunk, feats):
+                feat = feat.clone()  # own storage: a cached row must not keep its whole batch alive
+                out[g][i] = feat
+                self._store(weights, key, feat)
+            if bar is not None:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
 
     # ---- storage --------------------------------------------------------------------------------
     def _lookup(self, weights: str, key: str, dim: int) -> torch.Tensor | None:
@@ -142,11 +176,3 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, leave=False)
-
-
-def _iterate(items, desc: str, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, leave=False)

@@ -268,13 +268,15 @@ class PretrainSettings:
     logit_scale: float | None = 100.0  # fixed exp(s); None learns it
     min_steps_per_epoch: int = 0  # small datasets: repeat images so an epoch has at least this many steps
     max_images_per_class: int = 4000  # cap on large datasets (class-balanced subsample)
+    captions_per_group: int = 16  # captions of every class encoded per step
+    balance: str = "sqrt"  # how often each dataset is drawn: "sqrt" (~ sqrt of its size) or "size"
     augment: bool = True  # random resized crop (scale 0.5-1) and horizontal flip
     seed: int = 0
     context_length: int = 32
     width: int = 128
     vision_layers: int = 4
     text_layers: int = 3
-    patch_size: int = 4
+    patch_size: int = 7
 
     def validate(self) -> None:
         for key in ("epochs", "batch_size"):
@@ -334,6 +336,19 @@ def _encode_text(model, ids: torch.Tensor) -> torch.Tensor:
     x = model.ln_final(x)
     x = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)]
     return x @ model.text_projection
+
+
+def multi_positive_clip_loss(logits: torch.Tensor, image_groups: torch.Tensor,
+                             text_groups: torch.Tensor) -> torch.Tensor:
+    """Symmetric CLIP loss in which every caption of an image's class is a positive: the target of
+    each row is uniform over its positives. Captions whose class has no image in the batch are left
+    out of the text-to-image half."""
+    positive = (image_groups[:, None] == text_groups[None, :]).float()  # (B, M)
+    i2t = torch.sum(-positive / positive.sum(1, keepdim=True) * F.log_softmax(logits, dim=1), dim=1).mean()
+    has = positive.sum(0) > 0
+    pos_t = positive.t()[has]
+    t2i = torch.sum(-pos_t / pos_t.sum(1, keepdim=True) * F.log_softmax(logits.t()[has], dim=1), dim=1).mean()
+    return 0.5 * (i2t + t2i)
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
@@ -427,6 +442,11 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
     optimizer = torch.optim.AdamW(_param_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.98),
                                   eps=1e-6)
     n = len(images)
+    sizes = torch.tensor([len(t) for t in train_x], dtype=torch.float64)
+    if settings.balance not in ("sqrt", "size"):
+        raise ValueError(f"balance must be 'sqrt' or 'size', got {settings.balance!r}")
+    share = sizes.sqrt() if settings.balance == "sqrt" else sizes
+    sample_weight = torch.cat([torch.full((len(t),), float(share[i] / sizes[i])) for i, t in enumerate(train_x)])
     steps_per_epoch = max(math.ceil(n / settings.batch_size), settings.min_steps_per_epoch)
     total = steps_per_epoch * settings.epochs
     warmup = min(settings.warmup_steps, max(total // 10, 1))
@@ -448,8 +468,8 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
     step = 0
     model.train()
     for epoch in range(settings.epochs):
-        order = torch.cat([torch.randperm(n, generator=generator)
-                           for _ in range(math.ceil(steps_per_epoch * settings.batch_size / n))])
+        order = torch.multinomial(sample_weight, steps_per_epoch * settings.batch_size, replacement=True,
+                                  generator=generator)
         losses = []
         for i in range(steps_per_epoch):
             idx = order[i * settings.batch_size:(i + 1) * settings.batch_size]
@@ -457,28 +477,27 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
             if settings.augment:
                 x = _augment(x, generator)
             g = image_groups[idx]
-            # one random caption of its class per image
-            caption_ids = torch.stack([
-                group_tokens[int(k)][int(torch.randint(len(group_tokens[int(k)]), (1,), generator=generator))]
-                for k in g
-            ])
+            # captions: `captions_per_group` random paraphrases of every class
+            caption_ids, caption_g = [], []
+            for k, ids in enumerate(group_tokens):
+                pick = torch.randint(len(ids), (settings.captions_per_group,), generator=generator)
+                caption_ids.append(ids[pick])
+                caption_g.append(torch.full((settings.captions_per_group,), k))
+            caption_ids, caption_g = torch.cat(caption_ids), torch.cat(caption_g)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             img = F.normalize(model.encode_image(x), dim=-1)
             txt = F.normalize(_encode_text(model, caption_ids), dim=-1)
             scale = model.logit_scale.exp().clamp(max=100.0)
             logits = scale * img @ txt.t()
-            positive = (g[:, None] == g[None, :]).float()
-            target = positive / positive.sum(dim=1, keepdim=True)
-            loss = 0.5 * (torch.sum(-target * F.log_softmax(logits, dim=1), dim=1).mean()
-                          + torch.sum(-target * F.log_softmax(logits.t(), dim=1), dim=1).mean())
+            loss = multi_positive_clip_loss(logits, g, caption_g)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if learned_scale:
                 with torch.no_grad():
                     model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             if bar is not None:
                 bar.update(1)

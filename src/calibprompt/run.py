@@ -135,6 +135,7 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
             from calibprompt.losses import build_objective
 
             objective = build_objective(method["losses"])
+            _warn_if_smac_alpha_inert(method["losses"], train_s, int(tr["batch_size"]))
             settings = TrainSettings(**{k: tr[k] for k in TrainSettings.__dataclass_fields__})
             t = time.perf_counter()
             labels = torch.tensor([s.label for s in train_s])
@@ -198,6 +199,22 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     }
     atomic_write_json(out_dir / RESULT_FILE, result)  # last: its presence marks the run finished
     return result
+
+
+def _warn_if_smac_alpha_inert(losses: list[dict], train_samples, batch_size: int) -> None:
+    """method.md Q6: in a class-balanced batch SMAC's smoothed target is uniform whatever alpha is, so
+    alpha then acts only through LS. Say so when every batch is the whole, balanced training set."""
+    import warnings
+    from collections import Counter
+
+    smac = [spec for spec in losses if str(spec.get("name", "")).upper() == "SMAC" and spec.get("alpha")]
+    counts = Counter(s.label for s in train_samples)
+    if smac and len(train_samples) == batch_size and len(set(counts.values())) == 1:
+        warnings.warn(
+            "SMAC alpha has no effect here: every batch is the full class-balanced training set, so the "
+            "smoothed batch frequency is 1/K for any alpha (method.md Q6); alpha acts only through LS.",
+            stacklevel=3,
+        )
 
 
 def _evaluate(logits: torch.Tensor, labels: np.ndarray, out_dir: Path, resolved: dict,

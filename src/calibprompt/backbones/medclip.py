@@ -165,6 +165,10 @@ class MedClipBackbone(Backbone):
         if precision not in DTYPES:
             raise ValueError(f"precision {precision!r} is not one of {', '.join(DTYPES)}")
         tokenizer = bert_tokenizer(tokenizer_dir)
+        vocab = json.loads(BERT_CONFIG.read_text())["vocab_size"]
+        if len(tokenizer) != vocab:
+            raise WeightsError(f"tokenizer in {tokenizer_dir} has {len(tokenizer)} entries; MedCLIP's text "
+                               f"tower has {vocab} (Bio_ClinicalBERT). Check backbone.tokenizer_dir.")
         if path is None:
             if not allow_random:
                 raise WeightsError(f"MedCLIP needs its {WEIGHTS_NAME}: download {WEIGHTS_URL}, unzip it and "
@@ -178,10 +182,6 @@ class MedClipBackbone(Backbone):
                 path = path / WEIGHTS_NAME
             model = published_model(read_state_dict(path), str(path))
             source = str(path)
-        vocab = model.text_model.model.config.vocab_size
-        if len(tokenizer) != vocab:
-            raise WeightsError(f"tokenizer in {tokenizer_dir} has {len(tokenizer)} entries; MedCLIP's text "
-                               f"tower has {vocab} (Bio_ClinicalBERT). Check backbone.tokenizer_dir.")
         if precision != "fp32":
             cast_floating_(model, DTYPES[precision])
         return cls(model.eval().requires_grad_(False), tokenizer, name=name, source=source,

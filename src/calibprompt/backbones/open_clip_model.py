@@ -310,6 +310,10 @@ class OpenClipBackbone(Backbone):
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        missing = self.info.context_length - ids.shape[1]
+        if missing > 0 and not self.is_bert:
+            # open_clip's causal path needs the full context; padding after EOT changes nothing.
+            ids = torch.nn.functional.pad(ids, (0, missing), value=self.pad_id)
         return self.model.encode_text(ids)
 
     @property
@@ -320,3 +324,22 @@ class OpenClipBackbone(Backbone):
 def _image_size(model_cfg: dict) -> int:
     size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def random_open_clip_backbone(model_cfg: dict, name: str, text_dir: str | Path | None = None, seed: int = 0,
+                              logit_scale: float = 100.0, preprocess_cfg: dict | None = None) -> OpenClipBackbone:
+    """An architecture-exact open_clip model with fast seeded random weights (tests, CI, benchmarks).
+
+    ``model_cfg`` is kept as given (e.g. BiomedCLIP's hub names), so :meth:`OpenClipBackbone.save_dir`
+    writes the real config; ``text_dir`` only supplies the BERT config and tokenizer while building."""
+    import math
+
+    from calibprompt.backbones.loading import random_fill_
+
+    model = random_fill_(build_open_clip(model_cfg, None if text_dir is None else str(text_dir), empty=True), seed)
+    model.logit_scale.data.fill_(math.log(logit_scale))
+    pre = preprocess_cfg or {}
+    preprocess = Preprocess(image_size=_image_size(model_cfg), mean=tuple(pre.get("mean", CLIP_MEAN)),
+                            std=tuple(pre.get("std", CLIP_STD)))
+    return OpenClipBackbone(model, model_cfg, preprocess, name=name,
+                            text_dir=None if text_dir is None else str(text_dir), source="random")

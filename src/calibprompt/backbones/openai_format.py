@@ -22,6 +22,11 @@ from calibprompt.backbones.open_clip_model import OpenClipBackbone
 # Integer "buffers" found in OpenAI's JIT archives and some re-saved state dicts; not weights.
 OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
 BIOMEDBERT = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+# The authors' HFTextEncoder: BiomedBERT without its pooler, CLS token of the last layer, MLP head.
+UNIMED_TEXT_CFG = {
+    "hf_model_name": BIOMEDBERT, "hf_tokenizer_name": BIOMEDBERT,
+    "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256,
+}
 
 
 def is_openai_state(state: dict) -> bool:
@@ -68,16 +73,8 @@ def unimed_model_cfg(state: dict[str, torch.Tensor], source: str = "checkpoint")
     width = state["text_encoder.transformer.embeddings.word_embeddings.weight"].shape[1]
     if width != 768:
         raise WeightsError(f"{source}: text width {width}; only the BiomedBERT-base UniMed-CLIP models are supported")
-    return {
-        "embed_dim": int(state["visual.proj"].shape[1]),
-        "quick_gelu": True,
-        "vision_cfg": vision_cfg_from_state(state, source),
-        "text_cfg": {
-            "hf_model_name": BIOMEDBERT, "hf_tokenizer_name": BIOMEDBERT,
-            "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
-            "context_length": 256,
-        },
-    }
+    return {"embed_dim": int(state["visual.proj"].shape[1]), "quick_gelu": True,
+            "vision_cfg": vision_cfg_from_state(state, source), "text_cfg": dict(UNIMED_TEXT_CFG)}
 
 
 def check_arch(model_cfg: dict, expected: dict, name: str, source: str) -> None:

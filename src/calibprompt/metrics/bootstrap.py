@@ -10,7 +10,6 @@ when a class is never predicted) are left out of the percentiles; all-NaN gives 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -90,9 +89,7 @@ def bootstrap_ci(
 
     n = int(y.shape[0])
     samples: dict[str, list[float]] = {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        for _ in range(int(n_resamples)):
-            for name, value in one(rng.integers(0, n, n)).items():
-                samples.setdefault(name, []).append(float(value))
+    for _ in range(int(n_resamples)):
+        for name, value in one(rng.integers(0, n, n)).items():
+            samples.setdefault(name, []).append(float(value))
     return {name: _interval(vals, float(level)) for name, vals in samples.items()}

@@ -14,13 +14,9 @@ from typing import Any
 import numpy as np
 
 from .binning import equal_mass_bins, equal_width_bins
-from .inputs import CLOSED_SIDES, Closed, TopLabel, check_choice, check_n_bins, top_label
+from .inputs import CLOSED_SIDES, Closed, TopLabel, check_choice, check_n_bins, probs_view
 
 NLL_CLIP = 1e-12
-
-
-def _view(probs: Any, labels: Any) -> TopLabel:
-    return top_label(probs, labels, inputs="probs")
 
 
 def accuracy_of(t: TopLabel) -> float:
@@ -78,7 +74,7 @@ def _closed(closed: Any) -> Closed:
 
 def accuracy(probs: Any, labels: Any) -> float:
     """Accuracy = (1/N) Σ_i 1[ŷ_i = y_i]; ties in argmax go to the lowest class index."""
-    return accuracy_of(_view(probs, labels))
+    return accuracy_of(probs_view(probs, labels))
 
 
 def macro_f1(probs: Any, labels: Any, *, classes: str = "all") -> float:
@@ -87,14 +83,14 @@ def macro_f1(probs: Any, labels: Any, *, classes: str = "all") -> float:
     classes="all": C = {0, ..., K−1} (standard); classes="present": C = unique(labels), the official
     code's ``labels=np.unique(y)``, which ignores classes that are only predicted.
     """
-    t = _view(probs, labels)
+    t = probs_view(probs, labels)
     check_choice(classes, ("all", "present"), "classes")
     return macro_f1_of(t, np.arange(t.k) if classes == "all" else np.unique(t.labels))
 
 
 def confidence(probs: Any, labels: Any) -> float:
     """Mean confidence (1/N) Σ_i conf_i."""
-    return confidence_of(_view(probs, labels))
+    return confidence_of(probs_view(probs, labels))
 
 
 def ece(probs: Any, labels: Any, n_bins: int = 10, *, closed: Closed = "left") -> float:
@@ -103,33 +99,33 @@ def ece(probs: Any, labels: Any, n_bins: int = 10, *, closed: Closed = "left") -
     Bins: closed="left" gives [a, b) with the last bin [1 − 1/M, 1]; closed="right" gives (a, b]
     with the first bin [0, 1/M]. Every sample is in exactly one bin, for weights and statistics alike.
     """
-    return ece_of(_view(probs, labels), check_n_bins(n_bins), _closed(closed))
+    return ece_of(probs_view(probs, labels), check_n_bins(n_bins), _closed(closed))
 
 
 def mce(probs: Any, labels: Any, n_bins: int = 10, *, closed: Closed = "left") -> float:
     """MCE = max_b |acc_b − conf_b| over the non-empty equal-width bins (unweighted; bins as in ``ece``)."""
-    return mce_of(_view(probs, labels), check_n_bins(n_bins), _closed(closed))
+    return mce_of(probs_view(probs, labels), check_n_bins(n_bins), _closed(closed))
 
 
 def adaptive_ece(probs: Any, labels: Any, n_bins: int = 10) -> float:
     """Adaptive (equal-mass) ECE = Σ_b (n_b/N) |acc_b − conf_b| over min(M, N) groups of the sorted
     confidences of near-equal size; tied confidences are never split (they join the lower group),
     so fewer groups can remain. Not netcal's *average* calibration error ("ACE")."""
-    return adaptive_ece_of(_view(probs, labels), check_n_bins(n_bins))[0]
+    return adaptive_ece_of(probs_view(probs, labels), check_n_bins(n_bins))[0]
 
 
 def classwise_ece(probs: Any, labels: Any, n_bins: int = 10, *, closed: Closed = "left") -> float:
     """Classwise ECE (Kull et al., 2019) = (1/K) Σ_k Σ_b (n_kb/N) |mean_{i∈b} 1[y_i = k] − mean_{i∈b} p_ik|,
     binning p_ik of all N samples for each class k into M equal-width bins (as in ``ece``)."""
-    return classwise_ece_of(_view(probs, labels), check_n_bins(n_bins), _closed(closed))
+    return classwise_ece_of(probs_view(probs, labels), check_n_bins(n_bins), _closed(closed))
 
 
 def nll(probs: Any, labels: Any) -> float:
     """NLL = −(1/N) Σ_i log max(p_{i,y_i}, 1e-12) (natural log; the clip bounds it by 27.63)."""
-    return nll_of(_view(probs, labels))
+    return nll_of(probs_view(probs, labels))
 
 
 def brier(probs: Any, labels: Any) -> float:
     """Multi-class Brier score = (1/N) Σ_i Σ_k (p_ik − 1[y_i = k])², in [0, 2] (sum over classes,
     not divided by K; for K = 2 it is twice the binary Brier score of the positive class)."""
-    return brier_of(_view(probs, labels))
+    return brier_of(probs_view(probs, labels))

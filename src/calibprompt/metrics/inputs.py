@@ -151,3 +151,8 @@ class TopLabel:
 def top_label(scores: Any, labels: Any, inputs: str = "logits") -> TopLabel:
     """Validate inputs and return their top-label view."""
     return TopLabel.of(*probs_from(scores, labels, inputs))
+
+
+def probs_view(probs: Any, labels: Any) -> TopLabel:
+    """Validate probabilities (N, K) and labels (N,) and return their top-label view."""
+    return top_label(probs, labels, inputs="probs")

@@ -17,8 +17,7 @@ from .binning import (
     interior_digitize_bins_reference,
     quantile_bins_reference,
 )
-from .calibration import _view
-from .inputs import TopLabel, check_n_bins
+from .inputs import TopLabel, check_n_bins, probs_view
 
 # Rows per chunk of the N x N kernel in ECE-KDE: one chunk (the official computation) up to
 # N = 4096, about 64 MB of float32 per chunk beyond.
@@ -97,20 +96,20 @@ def ece_reference(probs: Any, labels: Any, n_bins: int = 10) -> float:
     w_b = ``np.histogram(conf, edges)[0][b] / N`` (last bin closed). A sample with conf = 1.0 adds
     weight to the last bin but not to its means, so it adds no gap (Q4).
     """
-    return ece_reference_of(_view(probs, labels), check_n_bins(n_bins))
+    return ece_reference_of(probs_view(probs, labels), check_n_bins(n_bins))
 
 
 def mce_reference(probs: Any, labels: Any, n_bins: int = 10) -> float:
     """Official MCE = max_b (n_b/N) |acc_b − conf_b| over non-empty bins, a *weighted* maximum (Q5);
     bins from ``np.digitize(conf, linspace(0, 1, M + 1)[1:-1])``: [a, b), last bin [1 − 1/M, 1]."""
-    return mce_reference_of(_view(probs, labels), check_n_bins(n_bins))
+    return mce_reference_of(probs_view(probs, labels), check_n_bins(n_bins))
 
 
 def ace_reference(probs: Any, labels: Any, n_bins: int = 10) -> float:
     """Official ACE (adaptive ECE) = Σ_b (n_b/N) |acc_b − conf_b| over the bins of
     KBinsDiscretizer(n_bins=M, strategy="quantile", encode="ordinal") with linear percentiles;
     bins narrower than 1e-8 are removed, so fewer than M may remain."""
-    return ace_reference_of(_view(probs, labels), check_n_bins(n_bins))[0]
+    return ace_reference_of(probs_view(probs, labels), check_n_bins(n_bins))[0]
 
 
 def ece_kde_reference(probs: Any, labels: Any, bandwidth: float | None = None) -> float:
@@ -120,9 +119,9 @@ def ece_kde_reference(probs: Any, labels: Any, bandwidth: float | None = None) -
     max(Σ_j w_ij, 1e-10); acc_hat_i = Σ_j w_ij c_j; value = (1/N) Σ_i |conf_i − acc_hat_i| (p = 1).
     h from ``kde_bandwidth_reference(N)`` unless given. Costs O(N²) time.
     """
-    return ece_kde_reference_of(_view(probs, labels), bandwidth)
+    return ece_kde_reference_of(probs_view(probs, labels), bandwidth)
 
 
 def per_class_ece_reference(probs: Any, labels: Any, n_bins: int = 10) -> dict[str, Any]:
     """Official gt-based and pred-based per-class ECE lists and their means (see ``per_class_ece_reference_of``)."""
-    return per_class_ece_reference_of(_view(probs, labels), check_n_bins(n_bins))
+    return per_class_ece_reference_of(probs_view(probs, labels), check_n_bins(n_bins))

@@ -42,7 +42,7 @@ def _draw(ax: Any, strip: Any, bins: Bins, scores: np.ndarray, ece: float, xlabe
     low = np.minimum(bins.accuracy, bins.mean_conf)[shown]
     ax.bar(bins.lo[shown], bins.gap[shown], bottom=low, width=width[shown], align="edge",
            color="#e24a33", alpha=0.35, hatch="//", edgecolor="#e24a33", linewidth=0.6,
-           label="gap to mean confidence", zorder=4)
+           label=f"gap to mean {xlabel}", zorder=4)
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, zorder=5)
     ax.plot([], [], " ", label=f"ECE = {100 * ece:.2f}%")  # legend-only entry
     ax.set_xlim(0, 1)
@@ -50,7 +50,7 @@ def _draw(ax: Any, strip: Any, bins: Bins, scores: np.ndarray, ece: float, xlabe
     ax.set_ylabel(ylabel)
     ax.tick_params(labelbottom=False)
     ax.grid(alpha=0.3, zorder=0)
-    ax.legend(loc="upper left", fontsize="small", framealpha=0.9)
+    ax.legend(loc="upper left", fontsize="x-small", framealpha=0.9)
     counts, edges = np.histogram(scores, bins=DENSITY_BINS, range=(0.0, 1.0))
     strip.bar(edges[:-1], counts / max(len(scores), 1), width=np.diff(edges), align="edge", color="grey")
     strip.set_xlim(0, 1)
@@ -138,15 +138,16 @@ def classwise_reliability_diagram(
         raise ValueError(f"class_names has {len(names)} names but the scores have K = {t.k} classes")
     cols = min(t.k, 4)
     rows = math.ceil(t.k / cols)
-    fig = _figure(figsize=(3.6 * cols, 4.4 * rows))
-    grid = fig.add_gridspec(2 * rows, cols, height_ratios=[4, 1] * rows, hspace=0.35, wspace=0.3)
+    fig = _figure(figsize=(3.6 * cols, 4.6 * rows))
+    outer = fig.add_gridspec(rows, cols, hspace=0.3, wspace=0.3)
     classes = []
     for k in range(t.k):
         outcome = (t.labels == k).astype(np.float64)
         bins = equal_width_bins(t.probs[:, k], outcome, n_bins, closed)
         ece_k = bins.expected_gap()
         r, c = divmod(k, cols)
-        ax, strip = fig.add_subplot(grid[2 * r, c]), fig.add_subplot(grid[2 * r + 1, c])
+        cell = outer[r, c].subgridspec(2, 1, height_ratios=[4, 1], hspace=0.08)
+        ax, strip = fig.add_subplot(cell[0]), fig.add_subplot(cell[1])
         _draw(ax, strip, bins, t.probs[:, k], ece_k, f"p({names[k]})", "frequency")
         ax.set_title(names[k], fontsize="medium")
         classes.append({"class": k, "name": names[k], "ece": ece_k, "bins": bins.records(),

@@ -20,8 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from .calibration import _view
-from .inputs import TopLabel
+from .inputs import TopLabel, probs_view
 
 SIGMA_FLOOR = 1e-3
 SEARCH_STEPS = 10
@@ -94,5 +93,5 @@ def smooth_ece(probs: Any, labels: Any, *, return_sigma: bool = False) -> float 
 
     Returns smECE, or (smECE, σ*) with return_sigma=True. Bin-free, so no ``n_bins``.
     """
-    value, sigma = smece_of(_view(probs, labels))
+    value, sigma = smece_of(probs_view(probs, labels))
     return (value, sigma) if return_sigma else value

@@ -1,0 +1,89 @@
+"""``calibprompt pretrain-micro`` and ``calibprompt demo`` (docs/demo.md)."""
+
+from __future__ import annotations
+
+import json
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "pretrain-micro",
+        help="pretrain the micro Med-VLM on MedMNIST train splits (offline stand-in for a real Med-VLM)",
+        description="Pretrain the micro Med-VLM (open_clip CLIP, CLIP BPE, ~7.8 M parameters) contrastively on "
+                    "the train splits of MedMNIST datasets paired with caption paraphrases, and save it in "
+                    "open_clip's hub format. Test splits are never read.",
+    )
+    p.add_argument("--datasets", default="pneumoniamnist,breastmnist",
+                   help="comma-separated MedMNIST flags or data paths (default: pneumoniamnist,breastmnist)")
+    p.add_argument("--out", help="model folder (default: <cache>/models/micro-medmnist[-<datasets>])")
+    p.add_argument("--epochs", type=int, help="pretraining epochs (default 20)")
+    p.add_argument("--logit-scale", default=None,
+                   help="fixed logit scale (default 100) or 'learned'")
+    p.add_argument("--seed", type=int, help="pretraining seed (default 0)")
+    p.add_argument("--retrain", action="store_true", help="pretrain again even if the folder holds a model")
+    p.add_argument("--no-download", action="store_true", help="never download MedMNIST files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole method on real MedMNIST images with the micro Med-VLM: table, report, summary.json",
+        description="Find the data, pretrain the micro Med-VLM if missing, then run zero-shot, CoOp-CE, CoOp-LS, "
+                    "CalibPrompt and their temperature-scaled variants over several seeds; print a table and write "
+                    "a Markdown report with reliability diagrams, summary.json and per-seed paired differences.",
+    )
+    p.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    p.add_argument("--dataset", help="MedMNIST flag (default pneumoniamnist), or a data YAML / folder / .npz path")
+    p.add_argument("--seeds", help="number of seeds (e.g. 5 -> seeds 1..5) or a list such as 1,2,3 (default 5)")
+    p.add_argument("--config", help="demo config YAML (default: the packaged configs/demo.yaml)")
+    p.add_argument("--model", help="model folder: a micro model (pretrained there if missing) or any open_clip "
+                                   "hub-format folder, used as it is")
+    p.add_argument("--pretrain-epochs", type=int, help="micro pretraining epochs when it has to be pretrained")
+    p.add_argument("--retrain", action="store_true", help="pretrain the micro model again")
+    p.add_argument("--quiet", action="store_true", help="no progress output; print only the table")
+    p.set_defaults(func=_demo)
+
+
+def _scale(value):
+    if value is None:
+        return {}
+    if str(value).lower() in ("learned", "learn", "none", "null"):
+        return {"logit_scale": None}
+    return {"logit_scale": float(value)}
+
+
+def _pretrain(args) -> int:
+    from calibprompt.demo import resolve_dataset
+    from calibprompt.micro import PretrainSettings, ensure_model, medmnist_data_cfg, read_meta
+
+    cfgs = []
+    for spec in [s.strip() for s in args.datasets.split(",") if s.strip()]:
+        if args.no_download and "/" not in spec and not spec.endswith(".npz"):
+            cfgs.append(medmnist_data_cfg(spec.lower(), download=False))
+        else:
+            cfgs.append(resolve_dataset(spec, args.quiet)[0])
+    overrides = _scale(args.logit_scale)
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    folder, meta, trained = ensure_model(cfgs, args.out, PretrainSettings(**overrides), progress=not args.quiet,
+                                         retrain=args.retrain, log=None if not args.quiet else (lambda m: None))
+    if not trained:
+        print(f"{folder} already holds a micro model pretrained on "
+              f"{[s['name'] for s in meta['sources']]}; pass --retrain to pretrain it again")
+    final = (read_meta(folder) or meta)["history"][-1]
+    print(json.dumps({"model": str(folder), "trained_now": trained,
+                      "val_zero_shot_accuracy": final["val_zero_shot_accuracy"],
+                      "logit_scale": final["logit_scale"]}))
+    print(f"use it with:  backbone: {{path: {folder}}}")
+    return 0
+
+
+def _demo(args) -> int:
+    from calibprompt.demo import run_demo
+
+    overrides = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else None
+    run_demo(args.out, dataset=args.dataset, seeds=args.seeds, config=args.config, model=args.model,
+             quiet=args.quiet, retrain=args.retrain, pretrain_overrides=overrides)
+    return 0

@@ -1,0 +1,154 @@
+"""Where sweep runs and tuning trials execute.
+
+* ``local`` (default): in this process, one task at a time; needs nothing else.
+* ``ray``: each task is a Ray task (``num_cpus`` / fractional ``num_gpus`` per task) on a local Ray
+  instance or the cluster at ``address``. Ray is imported only when this executor is chosen.
+
+Both run the same task functions (:mod:`calibprompt.experiments.tasks`) and return the same
+:class:`Outcome`; a task that raises gives ``ok=False`` with the traceback, never an exception in the
+driver, so one failing run cannot stop a sweep.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+EXECUTORS = ("local", "ray")
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    value: Any = None
+    error: str | None = None
+    seconds: float = 0.0
+    worker: str = ""
+
+
+def call(fn: Callable[[dict], Any], payload: dict) -> Outcome:
+    """Run one task, turning any exception into a failed :class:`Outcome` (with its traceback)."""
+    from calibprompt.experiments.store import worker_name
+
+    start = time.perf_counter()
+    try:
+        value = fn(payload)
+    except Exception as err:  # noqa: BLE001 - isolation: the error is recorded, the sweep goes on
+        text = f"{type(err).__name__}: {err}\n\n{traceback.format_exc(limit=20)}"
+        return Outcome(False, None, text, time.perf_counter() - start, worker_name())
+    return Outcome(True, value, None, time.perf_counter() - start, worker_name())
+
+
+class LocalExecutor:
+    """In-process, sequential. ``next_result`` executes the oldest submitted task."""
+
+    name = "local"
+
+    def __init__(self) -> None:
+        self.parallelism = 1
+        self._queue: deque = deque()
+
+    def submit(self, fn: Callable[[dict], Any], payload: dict, tag: Any) -> None:
+        self._queue.append((tag, fn, payload))
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def next_result(self) -> tuple[Any, Outcome]:
+        tag, fn, payload = self._queue.popleft()
+        return tag, call(fn, payload)
+
+    def task_options(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self._queue.clear()
+
+
+class RayExecutor:
+    """Ray tasks on a local instance (started here, and shut down by ``close``) or the cluster at
+    ``address`` (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``). An already initialised Ray
+    (``ray.init`` called by the caller) is used as it is and left running."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, cpus_per_task: float = 1.0, gpus_per_task: float = 0.0,
+                 max_in_flight: int | None = None, num_cpus: int | None = None) -> None:
+        try:
+            import ray
+        except ImportError:  # pragma: no cover - depends on the environment
+            raise ValueError("--executor ray needs Ray: pip install 'calibprompt[ray]'") from None
+        if cpus_per_task < 0 or gpus_per_task < 0:
+            raise ValueError("--cpus-per-run and --gpus-per-run must be >= 0")
+        self._ray = ray
+        self._owns = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+            if address:
+                kwargs["address"] = address
+            elif num_cpus:
+                kwargs["num_cpus"] = num_cpus
+            ray.init(**kwargs)
+            self._owns = True
+        self.cpus_per_task = float(cpus_per_task)
+        self.gpus_per_task = float(gpus_per_task)
+        self._remote = ray.remote(_ray_call).options(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task,
+                                                     max_retries=0)
+        resources = ray.cluster_resources()
+        capacity = resources.get("CPU", 1.0) / self.cpus_per_task if self.cpus_per_task > 0 else 1e9
+        if self.gpus_per_task > 0:
+            gpus = resources.get("GPU", 0.0)
+            if gpus <= 0:
+                raise ValueError(f"--gpus-per-run {gpus_per_task}: the Ray cluster has no GPUs")
+            capacity = min(capacity, gpus / self.gpus_per_task)
+        self.parallelism = int(max_in_flight or max(1, int(capacity)))
+        self._inflight: dict = {}
+
+    def submit(self, fn: Callable[[dict], Any], payload: dict, tag: Any) -> None:
+        self._inflight[self._remote.remote(fn, payload)] = tag
+
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def next_result(self) -> tuple[Any, Outcome]:
+        ready, _ = self._ray.wait(list(self._inflight), num_returns=1)
+        ref = ready[0]
+        tag = self._inflight.pop(ref)
+        try:
+            outcome = self._ray.get(ref)
+        except Exception as err:  # noqa: BLE001 - worker died, task cancelled, object lost...
+            outcome = Outcome(False, None, f"ray: {type(err).__name__}: {err}")
+        return tag, outcome
+
+    def task_options(self) -> dict:
+        """What a task needs to know about its slot (threads, GPU)."""
+        return {"threads": max(1, int(self.cpus_per_task)), "gpu": self.gpus_per_task > 0}
+
+    def close(self) -> None:
+        for ref in list(self._inflight):
+            try:
+                self._ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                pass
+        self._inflight.clear()
+        if self._owns:
+            self._ray.shutdown()
+            self._owns = False
+
+
+def _ray_call(fn: Callable[[dict], Any], payload: dict) -> Outcome:
+    return call(fn, payload)
+
+
+def make_executor(name: str = "local", *, ray_address: str | None = None, cpus_per_run: float = 1.0,
+                  gpus_per_run: float = 0.0, max_in_flight: int | None = None):
+    if name == "local":
+        if gpus_per_run:
+            raise ValueError("--gpus-per-run applies to --executor ray; for local runs set device (e.g. --device cuda)")
+        return LocalExecutor()
+    if name == "ray":
+        return RayExecutor(ray_address, cpus_per_run, gpus_per_run, max_in_flight)
+    raise ValueError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")

@@ -1,0 +1,229 @@
+"""``calibprompt sweep``: expand a grid, skip what is finished, run the rest on an executor, and record
+every run in the results store.
+
+Layout of a sweep folder ``DIR``::
+
+    sweep.json            sweep id, grid, store URL (password masked), the planned runs in grid order
+    results.sqlite        the results store (unless --store / $CALIBPROMPT_STORE names another database)
+    runs/<run_id>/        one folder per run (run_id = first 16 hex of the config hash), as `train` writes
+    report/               written by `calibprompt report DIR`
+
+Resume rule: a run is skipped only when its ``runs/<run_id>/metrics.json`` says ``done`` with the same
+config hash. A row left ``running`` by a crash, a ``failed`` row (unless --no-retry-failed) and a
+``done`` row whose metrics.json is missing or different are run again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from calibprompt.experiments.executors import make_executor
+from calibprompt.experiments.grid import Grid, RunSpec
+from calibprompt.experiments.store import ResultStore, public_url
+from calibprompt.experiments.tasks import execute_run
+from calibprompt.features import FeatureCache
+from calibprompt.run import RESULT_FILE, finished_result
+from calibprompt.settings import atomic_write_bytes, atomic_write_json
+
+SWEEP_FILE = "sweep.json"
+SWEEP_FORMAT = "calibprompt.sweep/1"
+
+
+@dataclass
+class SweepSummary:
+    out_dir: str
+    sweep_id: str
+    store: str
+    planned: int = 0
+    skipped: int = 0  # finished before this invocation
+    recovered: int = 0  # metrics.json finished but the store did not say so yet (crash in between)
+    executed: int = 0
+    done: int = 0  # done now, all together
+    failed: int = 0
+    left_failed: int = 0  # failed earlier and not retried (--no-retry-failed)
+    duplicates: int = 0
+    seconds: float = 0.0
+    failures: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class FolderBusy(ValueError):
+    """Another sweep (or tune) process holds the folder."""
+
+
+@contextlib.contextmanager
+def folder_lock(out_dir: Path, name: str = ".sweep.lock"):
+    """Exclusive lock on a sweep/tune folder; a second process on the same folder fails at once."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / name
+    handle = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise FolderBusy(f"{out_dir} is in use by {holder}; wait for it to finish or use another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+
+
+def feature_cache_root(grid: Grid, cache_dir: str | None = None) -> str:
+    """The feature cache every worker uses: --cache-dir, else the grid's cache_dir, else the default
+    ($CALIBPROMPT_CACHE/features); absolute, so remote workers on a shared file system find it."""
+    from calibprompt.experiments.grid import _absolute_paths
+
+    root = _absolute_paths({"cache_dir": cache_dir or grid.base.get("cache_dir")})["cache_dir"]
+    return str(Path(root or FeatureCache(None).root).absolute())
+
+
+def read_sweep_file(out_dir: str | Path) -> dict | None:
+    path = Path(out_dir) / SWEEP_FILE
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    if data.get("format") != SWEEP_FORMAT:
+        raise ValueError(f"{path} is not a calibprompt sweep file (format {data.get('format')!r})")
+    return data
+
+
+def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, executor: str = "local",
+              ray_address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
+              max_in_flight: int | None = None, cache_dir: str | None = None, retry_failed: bool = True,
+              log: Callable[[str], None] | None = print) -> SweepSummary:
+    """Run every unfinished run of ``grid`` into ``out_dir`` (see module docstring)."""
+    log = log or (lambda _msg: None)
+    start = time.perf_counter()
+    out_dir = Path(out_dir).absolute()
+    specs = grid.expand()  # every config is validated before anything runs
+    with folder_lock(out_dir):
+        previous = read_sweep_file(out_dir) or {}
+        sweep_id = previous.get("sweep_id") or uuid.uuid4().hex
+        store = ResultStore.for_dir(out_dir, store_url)
+        summary = SweepSummary(str(out_dir), sweep_id, public_url(store.url), planned=len(specs),
+                               duplicates=grid.duplicates)
+        try:
+            store.ensure_sweep(sweep_id, grid.name, str(out_dir), grid.spec)
+            cache_root = feature_cache_root(grid, cache_dir)
+            todo: list[tuple[RunSpec, Path]] = []
+            for position, spec in enumerate(specs):
+                run_dir = out_dir / "runs" / spec.run_id
+                row = store.plan(sweep_id, spec, position, str(run_dir))
+                finished = finished_result(run_dir, spec.config_hash)
+                if finished is not None:
+                    if row["status"] == "done":
+                        summary.skipped += 1
+                    else:
+                        store.mark_done(sweep_id, spec.config_hash, finished)
+                        summary.recovered += 1
+                    continue
+                if row["status"] == "failed" and not retry_failed:
+                    summary.left_failed += 1
+                    continue
+                if row["status"] != "pending":
+                    store.mark_pending(sweep_id, spec.config_hash)
+                todo.append((spec, run_dir))
+            _write_sweep_file(out_dir, sweep_id, grid, specs, store.url, previous)
+            log(f"sweep {grid.name}: {len(specs)} runs planned, {summary.skipped + summary.recovered} already "
+                f"done, {len(todo)} to run ({executor}) -> {out_dir}")
+            if todo:
+                _execute(todo, store, sweep_id, summary, cache_root, log, executor, ray_address, cpus_per_run,
+                         gpus_per_run, max_in_flight)
+            counts = store.counts(sweep_id, [s.config_hash for s in specs])
+            summary.done, summary.failed = counts["done"], counts["failed"]
+        finally:
+            store.close()
+    summary.seconds = time.perf_counter() - start
+    log(f"sweep {grid.name}: {summary.done}/{summary.planned} done, {summary.failed} failed, "
+        f"{summary.executed} executed now in {summary.seconds:.1f} s; store {summary.store}")
+    return summary
+
+
+def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cache_root: str, log,
+             executor: str, ray_address, cpus_per_run, gpus_per_run, max_in_flight) -> None:
+    ex = make_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run,
+                       gpus_per_run=gpus_per_run, max_in_flight=max_in_flight)
+    ship = ex.name != "local"  # remote workers return the files; only this process writes DIR
+    queue = deque(todo)
+    total = len(todo)
+    try:
+        while queue or ex.pending():
+            while queue and ex.pending() < ex.parallelism:
+                spec, run_dir = queue.popleft()
+                store.mark_running(sweep_id, spec.config_hash, worker=ex.name)
+                payload = {"config": spec.config, "run_dir": str(run_dir), "cache_root": cache_root,
+                           "ship": ship, **ex.task_options()}
+                ex.submit(execute_run, payload, tag=(spec, run_dir))
+            (spec, run_dir), outcome = ex.next_result()
+            summary.executed += 1
+            prefix = f"[{summary.executed}/{total}] {spec.run_id}"
+            error = outcome.error
+            if outcome.ok:
+                try:
+                    if "files" in outcome.value:
+                        write_run_files(run_dir, outcome.value["files"])
+                    result = finished_result(run_dir, spec.config_hash)
+                    if result is None:
+                        raise RuntimeError(f"the run returned but {run_dir / RESULT_FILE} is not a finished "
+                                           "result of this config")
+                    store.mark_done(sweep_id, spec.config_hash, result, worker=outcome.worker,
+                                    seconds=outcome.seconds)
+                    m = result["metrics"]
+                    log(f"{prefix} done   {spec.title}: acc {m['accuracy'] * 100:.2f}% ECE {m['ece'] * 100:.2f}% "
+                        f"({outcome.seconds:.1f} s)")
+                    continue
+                except Exception as err:  # noqa: BLE001 - a bad result is a failed run, not a dead sweep
+                    error = f"{type(err).__name__}: {err}"
+            store.mark_failed(sweep_id, spec.config_hash, error or "unknown error", worker=outcome.worker,
+                              seconds=outcome.seconds)
+            first = (error or "").strip().splitlines()[0] if error else "unknown error"
+            summary.failures.append({"run_id": spec.run_id, "run": spec.title, "error": first})
+            log(f"{prefix} FAILED {spec.title}: {first}")
+    finally:
+        ex.close()
+
+
+def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:
+    """Write a shipped run's files atomically, ``metrics.json`` last (its presence marks it finished)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RESULT_FILE).unlink(missing_ok=True)
+    for name, data in files.items():
+        if name != RESULT_FILE and "/" not in name and not name.startswith("."):
+            atomic_write_bytes(run_dir / name, data)
+    if RESULT_FILE in files:
+        atomic_write_bytes(run_dir / RESULT_FILE, files[RESULT_FILE])
+
+
+def _write_sweep_file(out_dir: Path, sweep_id: str, grid: Grid, specs: list[RunSpec], url: str,
+                      previous: dict) -> None:
+    from calibprompt.experiments.store import now
+
+    data = {
+        "format": SWEEP_FORMAT,
+        "sweep_id": sweep_id,
+        "name": grid.name,
+        "store": public_url(url),
+        "grid_source": grid.source,
+        "grid": grid.spec,
+        "effective": {**grid.describe(), "base": grid.base},
+        "created_at": previous.get("created_at") or now().isoformat(),
+        "updated_at": now().isoformat(),
+        "runs": [{"run_id": s.run_id, "config_hash": s.config_hash, **s.labels()} for s in specs],
+    }
+    atomic_write_json(out_dir / SWEEP_FILE, data)

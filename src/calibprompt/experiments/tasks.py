@@ -1,0 +1,62 @@
+"""The functions that execute on a worker (in-process or as a Ray task): one sweep run, one tuning
+trial. They take and return plain picklable data, so Ray can ship them."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from calibprompt.features import FeatureCache
+
+_CACHES: dict[str, FeatureCache] = {}
+
+
+def shared_cache(root: str | None) -> FeatureCache:
+    """One FeatureCache per root and process, so features stay in memory across a worker's tasks."""
+    key = str(root) if root is not None else ""
+    if key not in _CACHES:
+        _CACHES[key] = FeatureCache(root)
+    return _CACHES[key]
+
+
+def _slot(payload: dict, cfg: dict) -> dict:
+    """Apply the worker slot: torch threads, and device cuda when the task holds a GPU share."""
+    threads = payload.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    if payload.get("gpu"):
+        cfg = {**cfg, "device": "cuda"}  # device is not part of the run identity
+    return cfg
+
+
+def execute_run(payload: dict) -> dict[str, Any]:
+    """One sweep run. ``ship``: run in a temporary folder and return the files' bytes (the driver
+    writes them, ``metrics.json`` last); else write straight into ``run_dir``."""
+    from calibprompt.run import run
+
+    cfg = _slot(payload, payload["config"])
+    cache = shared_cache(payload.get("cache_root"))
+    if not payload.get("ship"):
+        # the folder is named by this config's hash and owned by the sweep: anything else in it is stale
+        return {"result": run(cfg, payload["run_dir"], quiet=True, cache=cache, overwrite=True)}
+    with tempfile.TemporaryDirectory(prefix="calibprompt-run-") as tmp:
+        result = run(cfg, tmp, quiet=True, cache=cache)
+        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+    return {"result": result, "files": files}
+
+
+def evaluate_trial(payload: dict) -> dict[str, Any]:
+    """One tuning trial: validation metrics of each config (one per seed). Never sees the test split."""
+    from calibprompt.experiments.validation import validation_metrics
+
+    cache = shared_cache(payload.get("cache_root"))
+    out = []
+    for cfg in payload["configs"]:
+        cfg = _slot(payload, cfg)
+        scored = validation_metrics(cfg, cache=cache)
+        out.append({"seed": scored["seed"], "metrics": scored["metrics"], "n_val": scored["n_val"],
+                    "n_train": scored["n_train"]})
+    return {"per_seed": out}

@@ -1,0 +1,137 @@
+"""Train a config's prompts exactly as ``calibprompt.run.run`` does and score them on the validation
+shots only. This is what tuning optimises; the test split cannot reach it:
+
+* the few-shot split is made, and only its ``train`` and ``val`` parts are kept, inside a
+  :class:`FitView` -- a dataset view that raises :class:`TestSplitAccess` for any other image;
+* everything downstream (feature cache, encoder, trainer, metrics) receives only that view and those
+  samples, so no test image is ever encoded and no test label or prediction enters the objective.
+
+(Opening the dataset and making the split still *list* and hash every file, as they must in order to
+hold the test part out; that is the only contact with test images.)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from calibprompt.config import config_hash, resolve
+from calibprompt.features import FeatureCache
+
+
+class TestSplitAccess(RuntimeError):
+    """Something asked a validation-only view for an image outside the train and val shots."""
+
+    __test__ = False  # not a pytest test class
+
+
+class FitView:
+    """The train and val parts of a split, as a dataset the feature cache can read. Any image outside
+    them (i.e. the test split) raises :class:`TestSplitAccess`."""
+
+    def __init__(self, dataset, train: Sequence, val: Sequence):
+        self.name = dataset.name
+        self.classnames = list(dataset.classnames)
+        self.template = dataset.template
+        self.train = list(train)
+        self.val = list(val)
+        self._allowed = frozenset(s.ref for s in self.train + self.val)
+        self._dataset = dataset
+
+    def _check(self, sample) -> None:
+        ref = getattr(sample, "ref", sample)
+        if ref not in self._allowed:
+            raise TestSplitAccess(f"validation-only view of {self.name!r} was asked for {ref!r}, which is not "
+                                  "one of the training or validation shots")
+
+    def load(self, sample):
+        self._check(sample)
+        return self._dataset.load(sample)
+
+    def content_hash(self, sample) -> str:
+        self._check(sample)
+        return self._dataset.content_hash(sample)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classnames)
+
+
+def fit_view(resolved: dict) -> FitView:
+    """Open the dataset of a resolved config, make its split and keep only the train and val parts."""
+    from calibprompt.data import FewShotSplit, make_split, open_dataset
+
+    dataset = open_dataset(resolved["data"])
+    if resolved.get("split_file"):
+        split = FewShotSplit.from_json(resolved["split_file"], dataset)
+    else:
+        split = make_split(dataset, shots=int(resolved["shots"]), seed=int(resolved["seed"]),
+                           val_shots=int(resolved["val_shots"]))
+    return FitView(dataset, split.samples_for("train"), split.samples_for("val"))
+
+
+def check_tunable(resolved: dict) -> None:
+    method = resolved["resolved_method"]
+    if int(resolved["val_shots"]) < 1 and not resolved.get("split_file"):
+        raise ValueError("tuning scores prompts on held-out validation shots: set val_shots >= 1 "
+                         "(e.g. --val-shots 4, or base: {val_shots: 4} in the grid)")
+    if not method["trains"]:
+        raise ValueError(f"method {method['name']!r} trains nothing; there is nothing to tune")
+    if method["posthoc"]:
+        raise ValueError(f"method {method['name']!r} fits a post-hoc calibrator on the validation shots, "
+                         "so they cannot also score it; tune the method without the '+' suffix")
+
+
+def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_ctx: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (same steps, seed and data as ``run``) and return its metrics on the validation
+    shots: ``{"metrics": {...}, "n_train", "n_val", "config_hash"}`` (+ ``"ctx"`` on request)."""
+    from calibprompt.backbones import load_backbone
+    from calibprompt.losses import build_objective
+    from calibprompt.metrics import calibration_metrics
+    from calibprompt.prompts import PromptLearner
+    from calibprompt.run import resolve_device
+    from calibprompt.training import TrainSettings, predict_logits, train_prompts, zero_shot_text_features
+
+    resolved = resolve(cfg)
+    check_tunable(resolved)
+    seed = int(resolved["seed"])
+    torch.manual_seed(seed)
+    device = resolve_device(resolved["device"])
+    view = fit_view(resolved)
+    if not view.val:
+        raise ValueError("the split has no validation shots (set val_shots >= 1)")
+    backbone = load_backbone(resolved["backbone"]).to(device)
+    cache = cache or FeatureCache(resolved.get("cache_dir"))
+    method = resolved["resolved_method"]
+    tr = resolved["train"]
+    p = resolved["prompt"]
+
+    val_feats = cache.features(backbone, view, view.val).to(device)
+    scale = backbone.logit_scale.float()
+    zs_text = zero_shot_text_features(backbone, view.classnames, view.template)
+    gen = torch.Generator().manual_seed(seed)
+    learner = PromptLearner(backbone, view.classnames, n_ctx=int(p["n_ctx"]), init=p["init"],
+                            position=p["position"], csc=bool(p["csc"]), init_std=float(p["init_std"]),
+                            generator=gen).to(device)
+    objective = build_objective(method["losses"])
+    settings = TrainSettings(**{k: tr[k] for k in TrainSettings.__dataclass_fields__})
+    labels = torch.tensor([s.label for s in view.train])
+    if tr["augment"]:
+        n_views = int(tr["n_views"] or tr["epochs"])
+        views = cache.view_bank(backbone, view, view.train, n_views, aug_seed=int(tr["aug_seed"]))
+    else:
+        views = cache.features(backbone, view, view.train).unsqueeze(1)
+    train_prompts(backbone, learner, objective, views, labels, settings, seed, zs_text_features=zs_text)
+    with torch.no_grad():
+        text = learner.text_features(backbone)
+    logits = predict_logits(val_feats, text, scale, int(resolved["eval"]["batch_size"])).cpu()
+    val_labels = np.array([s.label for s in view.val])
+    metrics = calibration_metrics(logits.double().numpy(), val_labels, n_bins=int(resolved["eval"]["n_bins"]),
+                                  convention="standard")
+    out = {"metrics": metrics, "n_train": len(view.train), "n_val": len(view.val),
+           "config_hash": config_hash(resolved), "seed": seed}
+    if return_ctx:
+        out["ctx"] = learner.ctx.detach().cpu().clone()
+    return out
