@@ -79,6 +79,7 @@ def injection_errors(backbone, classnames: list[str], phrase: str,
             ids = backbone.trim(backbone.tokenize(written_prompts(phrase, classnames, position)))
             want = torch.nn.functional.normalize(backbone.encode_text(ids).float(), dim=-1)
             errors[position] = float((got - want).abs().max())
+    print(f"[injection] {backbone.info.name} ({backbone.info.family}): {errors}")  # shown with pytest -s
     return errors
 
 

@@ -45,10 +45,12 @@ def files(tmp_path_factory):
     biomed.copy_tokenizer_files(folder, text_dir)  # a hub snapshot holds them next to the weights
     del biomed
     vit_b16 = json.loads(require_shared("configs/open_clip/ViT-B-16-quickgelu.json").read_text())
-    unimed_cfg = {"embed_dim": 512, "quick_gelu": True, "vision_cfg": vit_b16["vision_cfg"], "text_cfg": UNIMED_TEXT_CFG}
+    unimed_cfg = {"embed_dim": 512, "quick_gelu": True, "vision_cfg": vit_b16["vision_cfg"],
+                  "text_cfg": UNIMED_TEXT_CFG}
     unimed = random_open_clip_backbone(unimed_cfg, "unimed", text_dir=text_dir, seed=5)
     checkpoint = root / "unimed_clip_vit_b16.pt"
-    torch.save({"epoch": 10, "state_dict": {f"module.{k}": v for k, v in unimed_state_dict(unimed).items()}}, checkpoint)
+    state = {f"module.{k}": v for k, v in unimed_state_dict(unimed).items()}  # a training checkpoint
+    torch.save({"epoch": 10, "state_dict": state}, checkpoint)
     return {"text_dir": text_dir, "biomedclip": folder, "unimedclip-b16": checkpoint}
 
 
@@ -172,7 +174,8 @@ def test_text_dir_problems_name_the_key(tmp_path, files, monkeypatch):
         load_backbone({"name": "biomedclip", "path": str(files["biomedclip"]), "text_dir": str(tmp_path)})
     bare = tmp_path / "bare"
     bare.mkdir()
-    (bare / "open_clip_config.json").write_bytes(require_shared("configs/biomedclip/open_clip_config.json").read_bytes())
+    config = require_shared("configs/biomedclip/open_clip_config.json")
+    (bare / "open_clip_config.json").write_bytes(config.read_bytes())
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsError, match="hub is offline.*backbone.text_dir"):
         load_backbone({"name": "biomedclip", "path": str(bare)})

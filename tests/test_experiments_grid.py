@@ -58,7 +58,9 @@ def test_sweep_keys_apply_only_to_methods_that_take_them():
         r = resolve(s.config)
         assert r["method"]["alpha"] == s.variant["method.alpha"] and r["train"]["lr"] == s.variant["train.lr"]
     with pytest.raises(GridError, match="apply to none"):
-        Grid.from_spec(_spec(sweep={"method.gamma": [1, 2]})).expand()
+        Grid.from_spec(_spec(sweep={"method.gamma": [1, 2]}))
+    only_ce = Grid.from_spec(_spec(sweep={"method.alpha": [0.1, 0.2]})).override(only={"method": ["coop-ce"]})
+    assert len(only_ce.expand()) == 2 * 2 * 2  # --only may leave a sweep key without takers
 
 
 def test_cells_override_per_backbone_and_dataset():

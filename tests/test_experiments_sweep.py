@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -209,7 +210,7 @@ def _md_tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
     return tables
 
 
-def test_report_tables_match_the_store_cell_by_cell(local_sweep, capsys):
+def test_report_tables_match_the_store_cell_by_cell(local_sweep, capsys, tmp_path):
     out = local_sweep["out"]
     assert main(["report", str(out), "--metrics", "accuracy,ece,nll"]) == 0
     capsys.readouterr()
@@ -261,3 +262,8 @@ def test_report_tables_match_the_store_cell_by_cell(local_sweep, capsys):
     assert any("ece_accuracy" in i for i in images) and sum("reliability" in i for i in images) == 2
     assert all((report / i).is_file() for i in images)
     assert "Failed runs" in html and "does not exist" in html
+
+    moved = tmp_path / "moved"  # a sweep folder that moved still finds its store
+    shutil.copytree(out, moved)
+    assert main(["report", str(moved), "--format", "csv", "--metrics", "accuracy,ece,nll"]) == 0
+    assert capsys.readouterr().out == (report / "results.csv").read_text()

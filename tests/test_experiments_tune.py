@@ -90,7 +90,7 @@ def test_short_study_improves_validation_objective_without_touching_test(setup, 
     monkeypatch.setattr(ImageDataset, "load", spy)
     monkeypatch.setattr(calibprompt.run, "run", no_run)
     out = tmp_path / "tune"
-    assert main(["tune", str(setup["grid"]), "--out", str(out), "--trials", "5", "--range", "alpha=0.05:0.3",
+    assert main(["tune", str(setup["grid"]), "--out", str(out), "--trials", "4", "--range", "alpha=0.05:0.3",
                  "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0  # a fresh cache: every image is read
     printed = capsys.readouterr().out
     assert "tiny · breast" in printed and f"hparams: {out}/tuned.yaml" in printed
@@ -98,19 +98,21 @@ def test_short_study_improves_validation_objective_without_touching_test(setup, 
 
     tuned = yaml.safe_load((out / "tuned.yaml").read_text())
     cell, = tuned["cells"]
-    assert tuned["method"] == "calibprompt" and tuned["objective"] == "val_nll" and cell["trials"] == 5
+    assert tuned["method"] == "calibprompt" and tuned["objective"] == "val_nll" and cell["trials"] == 4
     assert cell["value"] < cell["first_value"]  # better than the preset defaults (trial 0)
     assert set(cell["set"]) == {"method.alpha", "method.lambda_as"}
     assert 0.05 <= cell["set"]["method.alpha"] <= 0.3
     assert cell["val_metrics"]["nll"] == pytest.approx(cell["value"])
     rows = (out / "trials.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 5 and rows[1].split(",")[3] == "COMPLETE"
+    assert len(rows) == 1 + 4 and rows[1].split(",")[3] == "COMPLETE"
     print(f"\nvalidation NLL: defaults {cell['first_value']:.4f} -> tuned {cell['value']:.4f}")
 
     # resumable: asking for more trials continues the same study
-    assert main(["tune", str(setup["grid"]), "--out", str(out), "--trials", "6", "--range", "alpha=0.05:0.3",
+    assert main(["tune", str(setup["grid"]), "--out", str(out), "--trials", "5", "--range", "alpha=0.05:0.3",
                  "--quiet"]) == 0
-    assert yaml.safe_load((out / "tuned.yaml").read_text())["cells"][0]["trials"] == 6
+    assert yaml.safe_load((out / "tuned.yaml").read_text())["cells"][0]["trials"] == 5
+    params = [tuple(r.split(",")[4:6]) for r in (out / "trials.csv").read_text().strip().splitlines()[1:]]
+    assert len(set(params)) == 5  # the resumed study drew a new point
 
     # the chosen values feed a grid
     grid = Grid.load(setup["grid"]).override()

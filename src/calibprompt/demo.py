@@ -21,6 +21,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
@@ -30,12 +31,13 @@ import numpy as np
 from calibprompt.settings import atomic_write_bytes, atomic_write_json, atomic_write_text, cache_dir
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
-DEMO_KEYS = ("dataset", "seeds", "pretrain", "run", "reference", "methods")
+DEMO_KEYS = ("dataset", "seeds", "pretrain", "run", "reference", "methods", "eval_on")
 METRICS = (  # (key in metrics.json, column title, shown as percent)
     ("accuracy", "Accuracy", True), ("ece", "ECE", True), ("mce", "MCE", True),
     ("adaptive_ece", "Adaptive ECE", True), ("nll", "NLL", False), ("brier", "Brier", False),
 )
 STATE_FILE = "demo_state.json"
+RUN_THREADS = 1  # torch threads during the prompt-tuning runs
 
 
 # ------------------------------------------------------------------------------------------------
@@ -123,25 +125,36 @@ def _restricted(dataset, train_samples: list):
                  test_fraction=dataset.test_fraction)
 
 
-def write_splits(dataset, seeds: list[int], shots: int, val_shots: int, folder: Path) -> dict[int, Path]:
+def write_splits(dataset, seeds: list[int], shots: int, val_shots: int, folder: Path,
+                 eval_on: str = "test") -> dict[int, Path]:
     """One split file per seed: training shots from the micro model's downstream pool, validation
-    shots from the val split (or, without one, the next images of the pool), the test split whole."""
+    shots from the val split (or, without one, the next images of the pool), and as evaluation set the
+    whole test split, or with ``eval_on="val"`` the val images that are not validation shots (for
+    investigations and tuning that must not look at the test split)."""
     from calibprompt.data import make_split
     from calibprompt.micro import downstream_pool
 
-    pool = downstream_pool(dataset)
-    view = _restricted(dataset, pool)
     if not dataset.has_split:
         raise ValueError(f"dataset {dataset.name!r} has no train/test split; the demo needs one "
                          "(use a folder with train/ and test/, or a MedMNIST file)")
+    if eval_on not in ("test", "val"):
+        raise ValueError(f"eval_on must be 'test' or 'val', got {eval_on!r}")
+    if eval_on == "val" and not dataset.samples_in("val"):
+        raise ValueError(f"dataset {dataset.name!r} has no val split to evaluate on")
+    view = _restricted(dataset, downstream_pool(dataset))
     out = {}
     for seed in seeds:
         split = make_split(view, shots=shots, seed=seed, val_shots=val_shots)
         data = split.to_dict()
         data["fingerprint"] = dataset.fingerprint()
+        if eval_on == "val":
+            used = {item["ref"] for item in data["val"]}
+            data["test"] = [{"ref": s.ref, "label": s.label, "sha256": dataset.content_hash(s)}
+                            for s in dataset.samples_in("val") if s.ref not in used]
         data["note"] = ("training shots from the downstream pool that micro pretraining never saw; "
-                        f"validation shots from the {split.val_source} split; test = the whole test split")
-        path = folder / f"{dataset.name}-seed{seed}.json"
+                        f"validation shots from the {split.val_source} split; evaluation: "
+                        + ("the whole test split" if eval_on == "test" else "val images that are not validation shots"))
+        path = folder / f"{dataset.name}-seed{seed}{'' if eval_on == 'test' else '-evalval'}.json"
         atomic_write_json(path, data)
         out[seed] = path
     return out
@@ -167,7 +180,7 @@ class Progress:
 
 def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, config: str | Path | None = None,
              model: str | Path | None = None, quiet: bool = False, retrain: bool = False,
-             pretrain_overrides: dict | None = None) -> dict:
+             pretrain_overrides: dict | None = None, eval_on: str | None = None) -> dict:
     """Run the demo into ``out`` and return ``{"rows": summary rows, "paired": ..., ...}``."""
     import torch
 
@@ -197,9 +210,17 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
 
     # 2. model
     t = time.perf_counter()
-    if model is not None and read_meta(model) is None:
-        model_dir, meta, trained = Path(model).expanduser(), None, False
-        say(f"2/4 model: {model_dir} (not a micro model: used as it is)")
+    meta, trained = None, False
+    if model is not None and not retrain:
+        model_dir = Path(model).expanduser()
+        meta = read_meta(model_dir)
+        if meta is None:
+            from calibprompt.backbones.open_clip_model import find_weights
+
+            if not (model_dir / "open_clip_config.json").is_file() or find_weights(model_dir) is None:
+                raise FileNotFoundError(f"--model {model_dir}: no open_clip model there (open_clip_config.json "
+                                        "and weights); omit --model to use (and pretrain) the micro model")
+        say(f"2/4 model: {model_dir}" + ("" if meta else " (not a micro model: used as it is)"))
     else:
         if is_flag and ds.name in DEFAULT_SOURCES:
             source_cfgs = [data_cfg if name == ds.name else medmnist_data_cfg(name, quiet=quiet)
@@ -213,12 +234,16 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
         folder = Path(model).expanduser() if model else default_dir(
             [str(c.get("name") or Path(c["path"]).stem) for c in source_cfgs])
         exists = read_meta(folder) is not None and not retrain
-        say(f"2/4 micro model: {'found' if exists else 'pretraining (a few minutes)'} {folder}")
+        say(f"2/4 micro model: {'found' if exists else 'pretraining it (a few minutes, once)'}: {folder}")
         model_dir, meta, trained = ensure_model(source_cfgs, folder, settings, progress=not quiet, retrain=retrain,
                                                 log=say)
+    if meta:
+        names = [s["name"] for s in meta.get("sources", [])]
         zs = meta["history"][-1]["val_zero_shot_accuracy"] if meta.get("history") else {}
-        say("    zero-shot accuracy on the val splits at the end of pretraining: "
+        say("    micro model pretrained on " + ", ".join(names) + "; zero-shot accuracy on their val splits: "
             + ", ".join(f"{k} {v * 100:.1f}%" for k, v in zs.items()))
+        if ds.name not in names:
+            say(f"    note: {ds.name} was not among its pretraining datasets")
     timings["model"] = time.perf_counter() - t
 
     # 3. runs
@@ -228,39 +253,56 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     weights = _weights_id(model_dir)
     runs_root = out / "runs"
     _reset_if_stale(out, {"weights": weights, "dataset": ds.fingerprint(), "run": run_cfg,
-                          "shots": shots, "val_shots": val_shots}, runs_root)
-    split_files = write_splits(ds, seed_list, shots, val_shots, out / "splits")
+                          "shots": shots, "val_shots": val_shots, "eval_on": eval_on or cfg.get("eval_on") or "test"},
+                    runs_root)
+    eval_on = eval_on or cfg.get("eval_on") or "test"
+    split_files = write_splits(ds, seed_list, shots, val_shots, out / "splits", eval_on=eval_on)
     cache = FeatureCache(cache_dir() / "features")
     methods = cfg["methods"]
     total = len(seed_list) * len(methods)
     say(f"3/4 prompt tuning: {len(methods)} methods x {len(seed_list)} seeds = {total} runs "
-        f"({shots} shots/class, {val_shots} val shots/class, {len(ds.samples_in('test'))} test images)")
+        f"({shots} shots/class, {val_shots} val shots/class; evaluated on the {eval_on} split)")
     results: dict[str, dict[int, dict]] = {m["label"]: {} for m in methods}
+    notes: list[str] = []  # distinct warnings raised by the runs (shown once, and in the report)
     done = 0
-    for seed in seed_list:
-        for entry in methods:
-            base = copy.deepcopy(run_cfg)
-            base.update({"seed": seed, "split_file": str(split_files[seed]), "backbone": {"path": str(model_dir)},
-                         "data": data_cfg, "method": copy.deepcopy(entry["method"]),
-                         "name": f"{entry['label']} · {ds.name} · seed {seed}"})
-            run_cfg_full = load_config(None, base=base)
-            folder = runs_root / _slug(entry["label"]) / f"seed{seed}"
-            result = run(run_cfg_full, folder, quiet=True, cache=cache, overwrite=True)
-            results[entry["label"]][seed] = {"dir": folder, "result": result}
-            done += 1
-            m = result["metrics"]
-            say(f"    [{done:2d}/{total}] seed {seed} {entry['label']:<18} accuracy {m['accuracy'] * 100:5.1f}%  "
-                f"ECE {m['ece'] * 100:5.2f}%  NLL {m['nll']:.3f}")
+    # Prompt tuning runs a tiny text encoder on a few prompts per step: one thread is as fast as two on
+    # an idle machine and several times faster on a busy one (no thread barrier per small op).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RUN_THREADS)
+    try:
+        for seed in seed_list:
+            for entry in methods:
+                base = copy.deepcopy(run_cfg)
+                base.update({"seed": seed, "split_file": str(split_files[seed]), "backbone": {"path": str(model_dir)},
+                             "data": data_cfg, "method": copy.deepcopy(entry["method"]),
+                             "name": f"{entry['label']} · {ds.name} · seed {seed}"})
+                run_cfg_full = load_config(None, base=base)
+                folder = runs_root / _slug(entry["label"]) / f"seed{seed}"
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    result = run(run_cfg_full, folder, quiet=True, cache=cache, overwrite=True)
+                for w in caught:
+                    text = f"{entry['label']}: {w.message}"
+                    if text not in notes:
+                        notes.append(text)
+                        say(f"    note: {text}")
+                results[entry["label"]][seed] = {"dir": folder, "result": result}
+                done += 1
+                m = result["metrics"]
+                say(f"    [{done:2d}/{total}] seed {seed} {entry['label']:<18} accuracy {m['accuracy'] * 100:5.1f}%  "
+                    f"ECE {m['ece'] * 100:5.2f}%  NLL {m['nll']:.3f}")
+    finally:
+        torch.set_num_threads(threads)
     timings["runs"] = time.perf_counter() - t
 
     # 4. summary and report
     t = time.perf_counter()
     say("4/4 summary and report")
-    rows = summarise(methods, results, ds.name, seed_list)
+    rows = summarise(methods, results, ds.name, seed_list, eval_on)
     reference = _label_of(methods, cfg.get("reference"))
     paired = paired_differences(methods, results, reference, seed_list)
     write_per_seed(out / "per_seed.csv", methods, results, seed_list)
-    figures = draw_figures(out, methods, results, ds, reference, paired)
+    figures = draw_figures(out, methods, results, ds, reference, paired, eval_on)
     atomic_write_json(out / "summary.json", rows)
     atomic_write_json(out / "paired.json", paired)
     timings["report_figures"] = time.perf_counter() - t
@@ -268,8 +310,8 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     info = {
         "dataset": ds.name, "data": data_cfg, "seeds": seed_list, "model_dir": str(model_dir),
         "model_trained_now": trained, "model_meta": _meta_summary(meta), "timings": timings,
-        "counts": counts, "shots": shots, "val_shots": val_shots, "run": run_cfg,
-        "torch_threads": torch.get_num_threads(),
+        "counts": counts, "shots": shots, "val_shots": val_shots, "run": run_cfg, "eval_on": eval_on,
+        "torch_threads": torch.get_num_threads(), "notes": notes,
     }
     atomic_write_json(out / "demo.json", info)
     write_report(out / "report.md", rows, paired, info, figures, methods, results, reference)
@@ -343,12 +385,12 @@ def _values(results: dict[int, dict], key: str, seeds: list[int]) -> np.ndarray:
     return np.array([float(results[s]["result"]["metrics"][key]) for s in seeds])
 
 
-def summarise(methods: list[dict], results: dict, dataset: str, seeds: list[int]) -> list[dict]:
+def summarise(methods: list[dict], results: dict, dataset: str, seeds: list[int], eval_on: str = "test") -> list[dict]:
     rows = []
     for entry in methods:
         label = entry["label"]
         row: dict[str, Any] = {"method": entry["method"]["name"], "label": label, "dataset": dataset,
-                               "n_seeds": len(seeds), "seeds": seeds}
+                               "evaluated_on": eval_on, "n_seeds": len(seeds), "seeds": seeds}
         any_result = results[label][seeds[0]]["result"]
         row["n_test"] = any_result["n_test"]
         row["backbone"] = any_result["backbone"]
@@ -435,7 +477,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         return "\n".join(lines)
     widths = [max(len(x[i]) for x in [heads] + body) for i in range(len(heads))]
     first = rows[0] if rows else {}
-    title = (f"{first.get('dataset', '')} test split ({first.get('n_test', '?')} images), "
+    title = (f"{first.get('dataset', '')} {first.get('evaluated_on', 'test')} split ({first.get('n_test', '?')} images), "
              f"mean ± std over {first.get('n_seeds', '?')} seeds, backbone {first.get('backbone', '')}")
     sep = "  "
     lines = [title, sep.join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
@@ -508,7 +550,7 @@ def _save(fig, path: Path) -> None:
 
 
 def draw_figures(out: Path, methods: list[dict], results: dict, dataset, reference: str | None,
-                 paired: list[dict]) -> dict[str, str]:
+                 paired: list[dict], eval_on: str = "test") -> dict[str, str]:
     """reliability.png (one panel per method, test predictions of all seeds pooled) and
     paired_ece.png (per-seed ECE and accuracy of each method, lines join the same seed)."""
     from matplotlib.figure import Figure
@@ -542,7 +584,7 @@ def draw_figures(out: Path, methods: list[dict], results: dict, dataset, referen
             ax.set_ylabel("accuracy")
         if i == 0:
             ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle(f"Reliability on the {dataset.name} test split, {len(next(iter(results.values())))} seeds pooled "
+    fig.suptitle(f"Reliability on the {dataset.name} {eval_on} split, {len(next(iter(results.values())))} seeds pooled "
                  "(grey: confidence histogram)", fontsize=10)
     _save(fig, out / "reliability.png")
     figures["reliability"] = "reliability.png"
@@ -560,7 +602,7 @@ def draw_figures(out: Path, methods: list[dict], results: dict, dataset, referen
         ax.grid(alpha=0.3)
         if j == 0:
             ax.legend(fontsize=7)
-    fig.suptitle(f"Per-seed values on the {dataset.name} test split (lines join runs on the same shots)", fontsize=10)
+    fig.suptitle(f"Per-seed values on the {dataset.name} {eval_on} split (lines join runs on the same shots)", fontsize=10)
     _save(fig, out / "per_seed.png")
     figures["per_seed"] = "per_seed.png"
     return figures
@@ -576,7 +618,8 @@ def write_report(path: Path, rows: list[dict], paired: list[dict], info: dict, f
            f"{'learned' if (meta.get('settings') or {}).get('logit_scale') is None else 'fixed at ' + str((meta.get('settings') or {}).get('logit_scale'))})"
            if meta else ""),
         f"Seeds: {info['seeds']}; {info['shots']} training shots and {info['val_shots']} validation shots per class; "
-        f"test split: {rows[0]['n_test']} images, evaluated once per run.",
+        f"evaluation: the {info['eval_on']} split" + (" minus the validation shots" if info["eval_on"] == "val" else "")
+        + f", {rows[0]['n_test']} images, once per run.",
         f"Wall time: {info['timings']['total'] / 60:.1f} min (model {info['timings']['model'] / 60:.1f} min"
         f"{', pretrained now' if info['model_trained_now'] else ', reused'}; runs {info['timings']['runs'] / 60:.1f} min).",
         "",
@@ -618,4 +661,6 @@ def write_report(path: Path, rows: list[dict], paired: list[dict], info: dict, f
               "- **Test split**: evaluated once per run; nothing is selected or tuned on it.",
               "- Split files: `splits/`; every run's config, split, predictions and metrics: `runs/`.", "",
               "## Settings", "", "```json", json.dumps(info["run"], indent=2), "```", ""]
+    if info.get("notes"):
+        lines += ["## Warnings raised by the runs", ""] + [f"- {n}" for n in info["notes"]] + [""]
     atomic_write_text(path, "\n".join(lines))

@@ -13,10 +13,10 @@ It is saved in open_clip's hub format, so it loads through the normal backbone p
 Which images are used for what (see docs/demo.md):
 
 * **pretraining** uses the *train* split of each source dataset, minus a reserved *downstream pool*;
-* the **downstream pool** (per class, ``min(64, n // 4)`` train images chosen by a seed-independent
+* the **downstream pool** (per class, ``min(64, n // 4)`` train images, at least ``min(16, n // 2)``, chosen by a seed-independent
   content hash) is never seen in pretraining; the demo draws its few-shot *training shots* from it;
 * the *val* split is used to report zero-shot accuracy during pretraining (no selection is made on
-  it: the last epoch is saved) and, in the demo, for the validation shots of temperature scaling;
+  it: the last step is saved) and, in the demo, for the validation shots of temperature scaling;
 * the *test* split is never read here.
 
 The logit scale is fixed at 100 by default (``logit_scale: 100``), as CLIP-style Med-VLMs effectively
@@ -45,6 +45,7 @@ from calibprompt.settings import atomic_write_json, cache_dir, data_dir, sha256_
 MODEL_PREFIX = "micro-medmnist"
 DEFAULT_SOURCES = ("pneumoniamnist", "breastmnist")
 META_FILE = "micro_pretrain.json"
+MAX_VAL_EVAL = 2000  # val images per dataset for the zero-shot accuracy reported while pretraining
 ZENODO = "https://zenodo.org/records/10519652"
 
 # ------------------------------------------------------------------------------------------------
@@ -108,6 +109,13 @@ TASKS: dict[str, TaskText] = {
                                "a benign mass", "a benign cyst or fibroadenoma", "normal, benign tissue"),
         }),
 }
+
+TASKS["retinamnist"] = TaskText(
+    "retinal fundus", "A retinal fundus photograph with diabetic retinopathy grade {}.", (
+        "a retinal fundus photograph with diabetic retinopathy grade {}.", "fundus image, retinopathy grade {}.",
+        "a colour fundus photo of diabetic retinopathy grade {}.", "retina: diabetic retinopathy severity {}.",
+        "an eye fundus image graded {} for diabetic retinopathy.", "grade {} diabetic retinopathy in a fundus image.",
+    ), {str(k): (str(k),) for k in range(5)})
 
 # Modality of the other 2D single-label MedMNIST subsets (captions then use the class name only).
 MODALITIES = {
@@ -230,11 +238,13 @@ def train_part(dataset) -> list:
 
 
 def reserve_size(n: int) -> int:
-    return min(64, n // 4)
+    """Images of a class (of ``n`` in the train part) reserved for the downstream few-shot pool:
+    a quarter, at most 64, and at least half of a small class up to 16 (so 8 shots always fit)."""
+    return min(64, max(n // 4, min(16, n // 2)))
 
 
 def downstream_pool(dataset) -> list:
-    """Per class, ``min(64, n // 4)`` images of the train part, chosen by a seed-independent content
+    """Per class, :func:`reserve_size` images of the train part, chosen by a seed-independent content
     hash. They are kept out of pretraining so the demo's few-shot training shots are new to the model."""
     pool = []
     train = train_part(dataset)
@@ -260,17 +270,22 @@ def pretrain_samples(dataset) -> list:
 
 @dataclass
 class PretrainSettings:
-    epochs: int = 20
-    batch_size: int = 256
+    steps: int = 500  # optimisation steps (the cost does not grow with the dataset)
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 50
-    logit_scale: float | None = 100.0  # fixed exp(s); None learns it
-    min_steps_per_epoch: int = 0  # small datasets: repeat images so an epoch has at least this many steps
-    max_images_per_class: int = 4000  # cap on large datasets (class-balanced subsample)
+    warmup_steps: int = 30
+    logit_scale: float | None = 100.0  # exp(s) of the saved model, not learned; None learns it (init 1/0.07)
+    logit_scale_start: float = 10.0  # the fixed scale rises log-linearly from this value ...
+    logit_scale_ramp: float = 0.5  # ... over this fraction of the steps, then stays at logit_scale
+    eval_every: int = 100  # steps between zero-shot accuracy reports on the val splits
+    max_images_per_class: int = 4000  # cap on large datasets (class-balanced, content-ranked subsample)
     captions_per_group: int = 16  # captions of every class encoded per step
     balance: str = "sqrt"  # how often each dataset is drawn: "sqrt" (~ sqrt of its size) or "size"
-    augment: bool = True  # random resized crop (scale 0.5-1) and horizontal flip
+    augment: bool = True  # random resized crop (area 0.5-1) and horizontal flip
+    instance_weight: float = 0.0  # weight of an image-image InfoNCE term between two views (0: off)
+    instance_scale: float = 10.0  # its logit scale (temperature 0.1)
+    threads: int | None = None  # torch threads while pretraining (None: torch's default)
     seed: int = 0
     context_length: int = 32
     width: int = 128
@@ -279,11 +294,15 @@ class PretrainSettings:
     patch_size: int = 7
 
     def validate(self) -> None:
-        for key in ("epochs", "batch_size"):
+        for key in ("steps", "batch_size", "eval_every", "captions_per_group"):
             if int(getattr(self, key)) < 1:
                 raise ValueError(f"pretraining {key} must be >= 1, got {getattr(self, key)}")
         if self.logit_scale is not None and not 1 <= float(self.logit_scale) <= 100:
             raise ValueError(f"logit_scale must be in [1, 100] or null (learned), got {self.logit_scale}")
+        if self.balance not in ("sqrt", "size"):
+            raise ValueError(f"balance must be 'sqrt' or 'size', got {self.balance!r}")
+        if 28 % self.patch_size:
+            raise ValueError(f"patch_size must divide the image size 28, got {self.patch_size}")
 
 
 @dataclass
@@ -377,6 +396,19 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
                    progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Pretrain the micro model on the pretraining images of each ``data:`` config and save it to
     ``out_dir`` (open_clip hub format plus ``micro_pretrain.json``). Returns that metadata."""
+    settings = settings or PretrainSettings()
+    settings.validate()
+    previous = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(int(settings.threads))
+    try:
+        return _pretrain(data_cfgs, out_dir, settings, progress, log)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _pretrain(data_cfgs: Sequence[dict], out_dir: str | Path, settings: PretrainSettings, progress: bool,
+              log: Callable[[str], None] | None) -> dict:
     from open_clip.model import CLIP
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -384,8 +416,6 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
     from calibprompt.backbones.preprocess import Preprocess
     from calibprompt.data import open_dataset
 
-    settings = settings or PretrainSettings()
-    settings.validate()
     say = log or (lambda msg: print(msg, file=sys.stderr))
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -405,7 +435,7 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
             groups.append(_Group(dataset.name, label, name, class_captions(text, name, dataset.template)))
         train_x.append(_image_tensor(dataset, samples, transform))
         train_g.append(torch.tensor([offset + s.label for s in samples]))
-        val = dataset.samples_in("val")
+        val = _subsample(dataset, dataset.samples_in("val"), max(1, MAX_VAL_EVAL // dataset.num_classes))
         val_x.append(_image_tensor(dataset, val, transform))
         val_y.append(torch.tensor([s.label for s in val], dtype=torch.long))
         val_prompts.append([dataset.template.format(c) for c in dataset.classnames])
@@ -443,12 +473,9 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
                                   eps=1e-6)
     n = len(images)
     sizes = torch.tensor([len(t) for t in train_x], dtype=torch.float64)
-    if settings.balance not in ("sqrt", "size"):
-        raise ValueError(f"balance must be 'sqrt' or 'size', got {settings.balance!r}")
     share = sizes.sqrt() if settings.balance == "sqrt" else sizes
     sample_weight = torch.cat([torch.full((len(t),), float(share[i] / sizes[i])) for i, t in enumerate(train_x)])
-    steps_per_epoch = max(math.ceil(n / settings.batch_size), settings.min_steps_per_epoch)
-    total = steps_per_epoch * settings.epochs
+    total = int(settings.steps)
     warmup = min(settings.warmup_steps, max(total // 10, 1))
 
     def lr_at(step: int) -> float:
@@ -456,62 +483,81 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
             return settings.lr * (step + 1) / warmup
         return 0.5 * settings.lr * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
 
+    def scale_at(step: int) -> float:
+        """Fixed-scale schedule: starting at 100 stalls learning for hundreds of steps (every image
+        collapses onto the majority class), so the scale rises from logit_scale_start to logit_scale."""
+        ramp = settings.logit_scale_ramp * total
+        start, end = float(settings.logit_scale_start), float(settings.logit_scale)
+        if ramp < 1 or step >= ramp or start >= end:
+            return end
+        return start * (end / start) ** (step / ramp)
+
     say(f"micro model: {n_params / 1e6:.2f} M parameters; {n} images, {len(groups)} caption groups; "
-        f"{settings.epochs} epochs x {steps_per_epoch} steps of {settings.batch_size}; logit scale "
-        f"{'learned' if learned_scale else f'fixed at {settings.logit_scale:g}'}")
+        f"{total} steps of {settings.batch_size} (~{total * settings.batch_size / n:.1f} epochs); logit scale "
+        + ("learned" if learned_scale else f"fixed (not learned): {settings.logit_scale_start:g} rising to "
+           f"{settings.logit_scale:g} over the first {settings.logit_scale_ramp:.0%} of the steps"))
     history: list[dict] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, desc="pretraining micro model", unit="step")
-    step = 0
     model.train()
-    for epoch in range(settings.epochs):
-        order = torch.multinomial(sample_weight, steps_per_epoch * settings.batch_size, replacement=True,
-                                  generator=generator)
-        losses = []
-        for i in range(steps_per_epoch):
-            idx = order[i * settings.batch_size:(i + 1) * settings.batch_size]
-            x = images[idx]
-            if settings.augment:
-                x = _augment(x, generator)
-            g = image_groups[idx]
-            # captions: `captions_per_group` random paraphrases of every class
-            caption_ids, caption_g = [], []
-            for k, ids in enumerate(group_tokens):
-                pick = torch.randint(len(ids), (settings.captions_per_group,), generator=generator)
-                caption_ids.append(ids[pick])
-                caption_g.append(torch.full((settings.captions_per_group,), k))
-            caption_ids, caption_g = torch.cat(caption_ids), torch.cat(caption_g)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
+    losses: list[float] = []
+    for step in range(total):
+        idx = torch.multinomial(sample_weight, settings.batch_size, replacement=True, generator=generator)
+        x = images[idx]
+        if settings.augment:
+            x = _augment(x, generator)
+        g = image_groups[idx]
+        # captions: `captions_per_group` random paraphrases of every class
+        caption_ids, caption_g = [], []
+        for k, ids in enumerate(group_tokens):
+            pick = torch.randint(len(ids), (settings.captions_per_group,), generator=generator)
+            caption_ids.append(ids[pick])
+            caption_g.append(torch.full((settings.captions_per_group,), k))
+        caption_ids, caption_g = torch.cat(caption_ids), torch.cat(caption_g)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        if settings.instance_weight > 0:
+            x2 = _augment(images[idx], generator) if settings.augment else x
+            both = F.normalize(model.encode_image(torch.cat([x, x2])), dim=-1)
+            img, img2 = both[: len(idx)], both[len(idx):]
+        else:
             img = F.normalize(model.encode_image(x), dim=-1)
-            txt = F.normalize(_encode_text(model, caption_ids), dim=-1)
-            scale = model.logit_scale.exp().clamp(max=100.0)
-            logits = scale * img @ txt.t()
-            loss = multi_positive_clip_loss(logits, g, caption_g)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if learned_scale:
-                with torch.no_grad():
-                    model.logit_scale.clamp_(0, math.log(100))
-            losses.append(float(loss.detach()))
-            step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
-        model.eval()
-        val_acc = {src["name"]: zero_shot_accuracy(model, tokenizer, vx, vy, vp)
-                   for src, vx, vy, vp in zip(sources, val_x, val_y, val_prompts)}
-        model.train()
-        record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses),
-                  "logit_scale": float(model.logit_scale.exp()), "val_zero_shot_accuracy": val_acc}
-        history.append(record)
+        txt = F.normalize(_encode_text(model, caption_ids), dim=-1)
+        scale = model.logit_scale.exp().clamp(max=100.0) if learned_scale else torch.tensor(scale_at(step))
+        loss = multi_positive_clip_loss(scale * img @ txt.t(), g, caption_g)
+        if settings.instance_weight > 0:
+            # keeps features of different images of a class apart (richer features, as a real VLM has)
+            sim = settings.instance_scale * img @ img2.t()
+            target = torch.arange(len(idx))
+            loss = loss + settings.instance_weight * 0.5 * (F.cross_entropy(sim, target) + F.cross_entropy(sim.t(), target))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if learned_scale:
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+        losses.append(float(loss.detach()))
         if bar is not None:
-            bar.write(f"  epoch {epoch + 1}/{settings.epochs}: loss {record['loss']:.3f}, zero-shot val accuracy "
-                      + ", ".join(f"{k} {v * 100:.1f}%" for k, v in val_acc.items()))
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        if (step + 1) % settings.eval_every == 0 or step + 1 == total:
+            model.eval()
+            val_acc = {src["name"]: zero_shot_accuracy(model, tokenizer, vx, vy, vp)
+                       for src, vx, vy, vp in zip(sources, val_x, val_y, val_prompts)}
+            model.train()
+            record = {"step": step + 1, "loss": sum(losses) / len(losses), "logit_scale": float(scale),
+                      "val_zero_shot_accuracy": val_acc}
+            losses = []
+            history.append(record)
+            line = (f"  step {step + 1}/{total}: loss {record['loss']:.3f}, zero-shot val accuracy "
+                    + ", ".join(f"{k} {v * 100:.1f}%" for k, v in val_acc.items()))
+            if bar is not None:
+                bar.write(line)
+            else:
+                say(line.strip())
     if bar is not None:
         bar.close()
     model.eval().requires_grad_(False)
@@ -528,7 +574,7 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
         "splits": {
             "pretraining": "train split minus the downstream pool (reserved min(64, n//4) per class)",
             "downstream_pool": "few-shot training shots of the demo (never seen in pretraining)",
-            "val": "zero-shot accuracy reported per epoch (no selection); validation shots of the demo",
+            "val": "zero-shot accuracy reported during pretraining (no selection); validation shots of the demo",
             "test": "never used here",
         },
         "history": history,

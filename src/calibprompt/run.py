@@ -66,7 +66,6 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     """Execute (or reuse) the run described by ``cfg`` and write its files to ``out_dir``.
 
     ``ctx_from``: evaluate the context vectors saved in that file instead of training (``eval``)."""
-    from calibprompt.backbones import load_backbone
     from calibprompt.data import FewShotSplit, make_split, open_dataset
     from calibprompt.prompts import PromptLearner
     from calibprompt.training import TrainSettings, predict_logits, train_prompts, zero_shot_text_features
@@ -107,7 +106,7 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     timings["data"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    backbone = load_backbone(resolved["backbone"]).to(device)
+    backbone = _loaded_backbone(resolved["backbone"], device)
     timings["load_backbone"] = time.perf_counter() - t
     cache = cache or FeatureCache(resolved.get("cache_dir"))
     progress = not quiet
@@ -199,6 +198,31 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     }
     atomic_write_json(out_dir / RESULT_FILE, result)  # last: its presence marks the run finished
     return result
+
+
+_LAST_BACKBONE: dict = {}
+
+
+def _loaded_backbone(backbone_cfg: dict, device: torch.device):
+    """Load the configured backbone, reusing the one loaded by the previous run in this process when
+    its config is the same (sweeps and the demo run many configs on one model). Frozen weights make
+    the reuse safe; the weight files are re-checked by size and mtime."""
+    from calibprompt.backbones import load_backbone
+    from calibprompt.settings import sha256_json
+
+    key = sha256_json({"cfg": backbone_cfg, "device": str(device), "files": _file_stamps(backbone_cfg)})
+    if _LAST_BACKBONE.get("key") != key:
+        _LAST_BACKBONE.clear()  # drop the old model before loading the next one
+        _LAST_BACKBONE.update(key=key, model=load_backbone(backbone_cfg).to(device))
+    return _LAST_BACKBONE["model"]
+
+
+def _file_stamps(backbone_cfg: dict) -> list:
+    path = backbone_cfg.get("path")
+    if not path or not Path(path).exists():
+        return []
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).iterdir())
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
 def _warn_if_smac_alpha_inert(losses: list[dict], train_samples, batch_size: int) -> None:

@@ -96,6 +96,8 @@ class HFClipBackbone(Backbone):
         if raw.get("model_type") != "clip":
             raise WeightsError(f"{config_path} has model_type {raw.get('model_type')!r}; expected 'clip' (CLIPModel)")
         config = CLIPConfig.from_dict(raw)
+        # Tokenizer first: a missing one fails before hundreds of MB are read.
+        tokenizer = clip_tokenizer(tokenizer_dir or folder, int(config.text_config.max_position_embeddings))
         has_weights = any((folder / n).is_file() for n in WEIGHT_FILES)
         if has_weights:
             state, path = read_weight_files(folder, WEIGHT_FILES)
@@ -111,7 +113,6 @@ class HFClipBackbone(Backbone):
                 "(download the hub folder, e.g. `huggingface-cli download vinid/plip --local-dir <folder>`)."
             )
         model = model.float() if precision == "fp32" else cast_floating_(model, DTYPES[precision])
-        tokenizer = clip_tokenizer(tokenizer_dir or folder, int(config.text_config.max_position_embeddings))
         pre = _preprocessor_config(folder)
         preprocess = Preprocess(
             image_size=int(config.vision_config.image_size),

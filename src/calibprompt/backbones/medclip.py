@@ -151,7 +151,7 @@ class MedClipBackbone(Backbone):
         self.info = BackboneInfo(
             name=name, family="medclip", embed_dim=int(model.text_model.projection_head.out_features),
             token_dim=int(bert.config.hidden_size), context_length=self.max_length, source=source,
-            extra={"library": "transformers"},
+            extra={"library": "own"},
         )
         self.requires_grad_(False)
         self.eval()

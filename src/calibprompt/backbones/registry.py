@@ -92,7 +92,8 @@ _BAPLE = "OpenAI-format .pt packaged by BAPLe (github.com/asif-hanif/baple, mode
 
 BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
     BackboneEntry(
-        name="plip", file="plip_vit_b32.pt",  title="PLIP", family="clip", library="transformers", hub_id="vinid/plip",
+        name="plip", file="plip_vit_b32.pt",
+        title="PLIP", family="clip", library="transformers", hub_id="vinid/plip",
         formats=("transformers", "openai"), arch="ViT-B-32-quickgelu",
         download=f"hub vinid/plip (transformers CLIPModel); plip_vit_b32.pt: {_BAPLE}",
         context_length=77, embed_dim=512, token_dim=512, template=_HISTO,
@@ -100,7 +101,8 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
         notes="official code: OpenAI-format plip_vit_b32.pt in fp16; hub config has legacy eos_token_id 2",
     ),
     BackboneEntry(
-        name="quiltnet-b32", file="quiltnet_b32.pt",  title="QuiltNet-B-32", family="clip", library="open_clip",
+        name="quiltnet-b32", file="quiltnet_b32.pt",
+        title="QuiltNet-B-32", family="clip", library="open_clip",
         hub_id="hf-hub:wisdomik/QuiltNet-B-32", formats=("open_clip", "openai"), arch="ViT-B-32-quickgelu",
         download=f"hub wisdomik/QuiltNet-B-32 (open_clip); quiltnet_b32.pt: {_BAPLE}",
         context_length=77, embed_dim=512, token_dim=512, template=_HISTO,
@@ -126,7 +128,8 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
         notes="needs the hf-hub: prefix (open_clip #505); timm ViT-B/16 + PubMedBERT, CLS pooling, MLP head",
     ),
     BackboneEntry(
-        name="medclip-vit", file="medclip-vit-pretrained.zip:pytorch_model.bin",  title="MedCLIP (ViT)", family="medclip", library="own", formats=("medclip",),
+        name="medclip-vit", file="medclip-vit-pretrained.zip:pytorch_model.bin",
+        title="MedCLIP (ViT)", family="medclip", library="own", formats=("medclip",),
         download="pytorch_model.bin in https://storage.googleapis.com/pytrial/medclip-vit-pretrained.zip; "
                  "tokenizer: hub emilyalsentzer/Bio_ClinicalBERT",
         context_length=77, embed_dim=512, token_dim=768, template=_CXR,
@@ -136,7 +139,8 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
               "published weights are reported hard to reproduce (MedCLIP #27, #42, #43)",
     ),
     BackboneEntry(
-        name="pubmedclip", file="PubMedCLIP_ViT32.pth",  title="PubMedCLIP (ViT-B/32)", family="clip", library="transformers",
+        name="pubmedclip", file="PubMedCLIP_ViT32.pth",
+        title="PubMedCLIP (ViT-B/32)", family="clip", library="transformers",
         hub_id="flaviagiammarino/pubmed-clip-vit-base-patch32", formats=("transformers", "openai"),
         arch="ViT-B-32-quickgelu",
         download="hub flaviagiammarino/pubmed-clip-vit-base-patch32 (transformers); original "
@@ -145,14 +149,16 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
         notes="extension, not in the paper",
     ),
     BackboneEntry(
-        name="clip-vit-b32", file="ViT-B-32.pt",  title="CLIP ViT-B/32 (OpenAI)", family="clip", library="transformers",
+        name="clip-vit-b32", file="ViT-B-32.pt",
+        title="CLIP ViT-B/32 (OpenAI)", family="clip", library="transformers",
         hub_id="openai/clip-vit-base-patch32", formats=("transformers", "openai"), arch="ViT-B-32-quickgelu",
         download="hub openai/clip-vit-base-patch32 (transformers); OpenAI's ViT-B-32.pt",
         context_length=77, embed_dim=512, token_dim=512, template="a photo of a {}.",
         notes="general-domain baseline",
     ),
     BackboneEntry(
-        name="clip-vit-b16", file="ViT-B-16.pt",  title="CLIP ViT-B/16 (OpenAI)", family="clip", library="open_clip",
+        name="clip-vit-b16", file="ViT-B-16.pt",
+        title="CLIP ViT-B/16 (OpenAI)", family="clip", library="open_clip",
         hub_id="hf-hub:timm/vit_base_patch16_clip_224.openai", formats=("open_clip", "openai"),
         arch="ViT-B-16-quickgelu",
         download="hub timm/vit_base_patch16_clip_224.openai (open_clip); OpenAI's ViT-B-16.pt",
@@ -160,7 +166,8 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
         notes="general-domain baseline",
     ),
     BackboneEntry(
-        name="unimedclip-b16", file="unimed_clip_vit_b16.pt",  title="UniMed-CLIP ViT-B/16", family="bert", library="open_clip",
+        name="unimedclip-b16", file="unimed_clip_vit_b16.pt",
+        title="UniMed-CLIP ViT-B/16", family="bert", library="open_clip",
         formats=("unimed",),
         download="unimed_clip_vit_b16.pt from the authors' release (github.com/mbzuai-oryx/UniMed-CLIP); "
                  "text tower: microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
@@ -250,7 +257,8 @@ def _detect_state(state: dict, path: Path) -> str:
         return "openai"
     if is_unimed_state(state):
         return "unimed"
-    if any(k.startswith("vision_model.model.") for k in state) and any(k.startswith("text_model.model.") for k in state):
+    keys = list(state)
+    if any(k.startswith("vision_model.model.") for k in keys) and any(k.startswith("text_model.model.") for k in keys):
         return "medclip"
     if any(k.startswith("text_model.embeddings.") for k in state):
         raise WeightsError(f"{path} is a transformers CLIPModel state dict: point backbone.path at the folder "
@@ -317,7 +325,7 @@ def load_backbone(cfg: dict) -> Backbone:
         raise WeightsError(f"{path} is in {fmt} format; {entry.name} loads from {', '.join(entry.formats)}. "
                            "Check backbone.name, backbone.path and backbone.format.")
 
-    label = name or (path.stem if path is not None else "backbone")
+    label = name or (hub_id.split("/")[-1] if hub_id else path.stem if path is not None else "backbone")
     backbone = _load_format(fmt, path, state, cfg, entry, label)
     switches = resolve_switches(cfg, backbone.info.family, entry)  # already applied; recorded here
     extra = {**backbone.info.extra, **switches, "format": fmt, "registry": entry.name if entry else None,
@@ -326,58 +334,101 @@ def load_backbone(cfg: dict) -> Backbone:
     return backbone
 
 
+@dataclass(frozen=True)
+class Request:
+    """What a format loader gets: the resolved source, the config section, the switches."""
+
+    path: Path | None  # None only for random MedCLIP weights
+    state: dict | None  # the state dict when format detection already read the file
+    cfg: dict
+    entry: BackboneEntry | None
+    label: str
+    switches: dict
+
+    def single_file_state(self, fmt: str) -> dict:
+        from calibprompt.backbones.weights import read_state_dict
+
+        if self.path is None or self.path.is_dir():
+            raise WeightsError(f"{fmt} format is a single checkpoint file; got {self.path}")
+        return self.state if self.state is not None else read_state_dict(self.path)
+
+
+def _load_open_clip(req: Request) -> Backbone:
+    from calibprompt.backbones.open_clip_model import OpenClipBackbone
+
+    if req.path is None or not req.path.is_dir():
+        raise WeightsError(f"open_clip format needs a folder with open_clip_config.json; got {req.path}")
+    return OpenClipBackbone.from_dir(req.path, name=req.label, text_dir=req.cfg.get("text_dir"),
+                                     allow_random=bool(req.cfg.get("allow_random", False)),
+                                     double_embedding=req.switches.get("double_embedding", False),
+                                     precision=req.switches["precision"])
+
+
+def _load_transformers(req: Request) -> Backbone:
+    from calibprompt.backbones.hf_clip import HFClipBackbone
+
+    mean, std = (req.entry.mean, req.entry.std) if req.entry else (CLIP_MEAN, CLIP_STD)
+    return HFClipBackbone.from_dir(req.path, name=req.label, tokenizer_dir=req.cfg.get("tokenizer_dir"),
+                                   allow_random=bool(req.cfg.get("allow_random", False)),
+                                   precision=req.switches["precision"], mean=mean, std=std)
+
+
+def _load_medclip(req: Request) -> Backbone:
+    from calibprompt.backbones.medclip import TOKENIZER_HUB_ID, MedClipBackbone
+
+    tokenizer_dir = req.cfg.get("tokenizer_dir")
+    if tokenizer_dir is None:
+        from calibprompt.backbones.loading import hub_snapshot
+
+        tokenizer_dir = hub_snapshot(
+            TOKENIZER_HUB_ID, "MedCLIP's text tower needs the Bio_ClinicalBERT tokenizer: download "
+            f"vocab.txt and tokenizer_config.json of {TOKENIZER_HUB_ID} and set backbone.tokenizer_dir.",
+            allow_patterns=["vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"],
+        )
+    sw = req.switches
+    return MedClipBackbone.from_file(req.path, tokenizer_dir, name=req.label,
+                                     allow_random=bool(req.cfg.get("allow_random", False)),
+                                     precision=sw["precision"], max_length=sw["medclip_max_length"],
+                                     norm=sw["medclip_norm"], pooling=sw["medclip_pooling"])
+
+
+def _load_openai(req: Request) -> Backbone:
+    from calibprompt.backbones.openai_format import load_openai
+
+    expected = None
+    if req.entry is not None and req.entry.arch:
+        import open_clip
+
+        expected = open_clip.get_model_config(req.entry.arch)
+    return load_openai(req.single_file_state("openai"), str(req.path), req.label,
+                       precision=req.switches["precision"], expected=expected)
+
+
+def _load_unimed(req: Request) -> Backbone:
+    from calibprompt.backbones.openai_format import load_unimed
+
+    return load_unimed(req.single_file_state("unimed"), str(req.path), req.label, text_dir=req.cfg.get("text_dir"),
+                       precision=req.switches["precision"], double_embedding=req.switches["double_embedding"])
+
+
+# format -> (text family, or None when the files say; loader). A new format is one line here.
+LOADERS = {
+    "open_clip": (None, _load_open_clip),
+    "transformers": ("clip", _load_transformers),
+    "openai": ("clip", _load_openai),
+    "medclip": ("medclip", _load_medclip),
+    "unimed": ("bert", _load_unimed),
+}
+assert set(LOADERS) == set(FORMATS)
+
+
 def _load_format(fmt: str, path: Path | None, state: dict | None, cfg: dict, entry: BackboneEntry | None,
                  label: str) -> Backbone:
-    family = {"open_clip": None, "transformers": "clip", "openai": "clip", "medclip": "medclip",
-              "unimed": "bert"}[fmt]
-    allow_random = bool(cfg.get("allow_random", False))
-    if fmt == "open_clip":
-        from calibprompt.backbones.open_clip_model import OpenClipBackbone
-
-        if not path.is_dir():
-            raise WeightsError(f"open_clip format needs a folder with open_clip_config.json; got file {path}")
-        family = _open_clip_family(path)
-        sw = resolve_switches(cfg, family, entry)
-        return OpenClipBackbone.from_dir(path, name=label, text_dir=cfg.get("text_dir"), allow_random=allow_random,
-                                         double_embedding=sw.get("double_embedding", False),
-                                         precision=sw["precision"])
-    sw = resolve_switches(cfg, family, entry)
-    if fmt == "transformers":
-        from calibprompt.backbones.hf_clip import HFClipBackbone
-
-        mean, std = (entry.mean, entry.std) if entry else (CLIP_MEAN, CLIP_STD)
-        return HFClipBackbone.from_dir(path, name=label, tokenizer_dir=cfg.get("tokenizer_dir"),
-                                       allow_random=allow_random, precision=sw["precision"], mean=mean, std=std)
-    if fmt == "medclip":
-        from calibprompt.backbones.medclip import TOKENIZER_HUB_ID, MedClipBackbone
-
-        tokenizer_dir = cfg.get("tokenizer_dir")
-        if tokenizer_dir is None:
-            from calibprompt.backbones.loading import hub_snapshot
-
-            tokenizer_dir = hub_snapshot(
-                TOKENIZER_HUB_ID, "MedCLIP's text tower needs the Bio_ClinicalBERT tokenizer: download "
-                f"vocab.txt and tokenizer_config.json of {TOKENIZER_HUB_ID} and set backbone.tokenizer_dir.",
-                allow_patterns=["vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json"],
-            )
-        return MedClipBackbone.from_file(path, tokenizer_dir, name=label, allow_random=allow_random,
-                                         precision=sw["precision"], max_length=sw["medclip_max_length"],
-                                         norm=sw["medclip_norm"], pooling=sw["medclip_pooling"])
-    from calibprompt.backbones import openai_format
-    from calibprompt.backbones.weights import read_state_dict
-
-    if path.is_dir():
-        raise WeightsError(f"{fmt} format is a single checkpoint file; got folder {path}")
-    state = state if state is not None else read_state_dict(path)
-    if fmt == "openai":
-        expected = None
-        if entry is not None and entry.arch:
-            import open_clip
-
-            expected = open_clip.get_model_config(entry.arch)
-        return openai_format.load_openai(state, str(path), label, precision=sw["precision"], expected=expected)
-    return openai_format.load_unimed(state, str(path), label, text_dir=cfg.get("text_dir"),
-                                     precision=sw["precision"], double_embedding=sw["double_embedding"])
+    family, loader = LOADERS[fmt]
+    if family is None:  # open_clip folders hold either text family
+        family = _open_clip_family(path) if path is not None and path.is_dir() else "clip"
+    switches = resolve_switches(cfg, family, entry)
+    return loader(Request(path, state, cfg, entry, label, switches))
 
 
 def _open_clip_family(folder: Path) -> str:

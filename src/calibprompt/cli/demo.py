@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--datasets", default="pneumoniamnist,breastmnist",
                    help="comma-separated MedMNIST flags or data paths (default: pneumoniamnist,breastmnist)")
     p.add_argument("--out", help="model folder (default: <cache>/models/micro-medmnist[-<datasets>])")
-    p.add_argument("--epochs", type=int, help="pretraining epochs (default 20)")
+    p.add_argument("--steps", type=int, help="pretraining steps (default 500)")
     p.add_argument("--logit-scale", default=None,
                    help="fixed logit scale (default 100) or 'learned'")
     p.add_argument("--seed", type=int, help="pretraining seed (default 0)")
@@ -38,8 +38,11 @@ def register(sub) -> None:
     p.add_argument("--config", help="demo config YAML (default: the packaged configs/demo.yaml)")
     p.add_argument("--model", help="model folder: a micro model (pretrained there if missing) or any open_clip "
                                    "hub-format folder, used as it is")
-    p.add_argument("--pretrain-epochs", type=int, help="micro pretraining epochs when it has to be pretrained")
+    p.add_argument("--pretrain-steps", type=int, help="micro pretraining steps when it has to be pretrained")
     p.add_argument("--retrain", action="store_true", help="pretrain the micro model again")
+    p.add_argument("--eval-on", choices=("test", "val"),
+                   help="evaluate on the test split (default) or on the val images that are not validation shots "
+                        "(for investigations and tuning that must not look at the test split)")
     p.add_argument("--quiet", action="store_true", help="no progress output; print only the table")
     p.set_defaults(func=_demo)
 
@@ -63,8 +66,8 @@ def _pretrain(args) -> int:
         else:
             cfgs.append(resolve_dataset(spec, args.quiet)[0])
     overrides = _scale(args.logit_scale)
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
+    if args.steps is not None:
+        overrides["steps"] = args.steps
     if args.seed is not None:
         overrides["seed"] = args.seed
     folder, meta, trained = ensure_model(cfgs, args.out, PretrainSettings(**overrides), progress=not args.quiet,
@@ -83,7 +86,7 @@ def _pretrain(args) -> int:
 def _demo(args) -> int:
     from calibprompt.demo import run_demo
 
-    overrides = {"epochs": args.pretrain_epochs} if args.pretrain_epochs else None
+    overrides = {"steps": args.pretrain_steps} if args.pretrain_steps else None
     run_demo(args.out, dataset=args.dataset, seeds=args.seeds, config=args.config, model=args.model,
-             quiet=args.quiet, retrain=args.retrain, pretrain_overrides=overrides)
+             quiet=args.quiet, retrain=args.retrain, pretrain_overrides=overrides, eval_on=args.eval_on)
     return 0

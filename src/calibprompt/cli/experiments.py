@@ -88,7 +88,8 @@ def register(sub) -> None:
     p.add_argument("--val-shots", type=int, help="validation shots per class (default: the grid's base val_shots)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite DIR/tune.sqlite); share an RDB URL "
                                      "to run many tune processes on one set of studies")
-    p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (default 0)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed (default 0), offset by the study's trial count when it resumes; "
+                        "give each process that shares a study its own seed")
     p.add_argument("--no-default-trial", action="store_true",
                    help="do not start each study with the method's default parameters")
     p.set_defaults(func=_tune)

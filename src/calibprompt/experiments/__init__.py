@@ -1,9 +1,25 @@
 """Experiments: grids of runs (``grid``), the results store (``store``), executors (local, Ray),
 sweeps (``sweep``), paper-style reports (``report``) and validation-only tuning (``tune``).
-See docs/experiments.md."""
+See docs/experiments.md.
 
-from calibprompt.experiments.grid import Grid, GridError, RunSpec, list_presets
-from calibprompt.experiments.store import ResultStore
-from calibprompt.experiments.sweep import SweepSummary, run_sweep
+Names are imported lazily, so ``calibprompt --help`` (which lists the grid presets) stays fast."""
 
-__all__ = ["Grid", "GridError", "ResultStore", "RunSpec", "SweepSummary", "list_presets", "run_sweep"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "Grid": "grid", "GridError": "grid", "RunSpec": "grid", "list_presets": "grid",
+    "ResultStore": "store",
+    "SweepSummary": "sweep", "run_sweep": "sweep",
+    "write_report": "report",
+    "run_tune": "tune",
+    "validation_metrics": "validation",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"calibprompt.experiments.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'calibprompt.experiments' has no attribute {name!r}")

@@ -148,10 +148,16 @@ class Grid:
         for label, section in grid.methods.items():
             if not section.get("name"):
                 raise GridError(f"{source}: methods.{label} needs a preset 'name' (see `calibprompt methods`)")
+        unused = [k for k in grid.sweep if not any(_applies(k, method_params(s["name"])) for s in grid.methods.values())]
+        if unused:  # checked against the grid as written, before any --only filtering
+            raise GridError(f"{source}: sweep key(s) {unused} apply to none of the methods "
+                            f"{[s['name'] for s in grid.methods.values()]}")
         grid.pairs = _pairs(spec.get("pairs"), grid, source)
         grid.cells = _cells(spec.get("cells") or [], grid, source)
         if grid.hparams is not None and not isinstance(grid.hparams, str):
             raise GridError(f"{source}: hparams must be 'paper' or the path of a tuned.yaml")
+        if grid.hparams not in (None, "paper"):
+            grid.hparams = str(Path(os.path.expandvars(grid.hparams)).expanduser().absolute())
         return grid
 
     @classmethod
@@ -271,10 +277,6 @@ class Grid:
                             seen.add(digest)
                             specs.append(RunSpec(cfg, digest, backbone, dataset, label, int(resolved["shots"]),
                                                  seed, variant))
-        unused = [k for k in self.sweep if not any(_applies(k, method_params(s["name"])) for s in self.methods.values())]
-        if unused:
-            raise GridError(f"{self.source}: sweep key(s) {unused} apply to none of the methods "
-                            f"{[s['name'] for s in self.methods.values()]}")
         return specs
 
     # ---- hyper-parameter tables -------------------------------------------------------------------

@@ -17,6 +17,7 @@ import csv
 import html
 import io
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,9 +136,16 @@ def collect(out_dir: str | Path, store_url: str | None = None, convention: str =
 
 
 def _stored_url(sweep: dict, out_dir: Path) -> str | None:
+    from calibprompt.experiments.store import STORE_ENV, default_url
+
     url = sweep.get("store")
-    if not url or "***" in url:
-        return None  # default (DIR/results.sqlite or $CALIBPROMPT_STORE); a masked URL needs --store
+    if sweep.get("store_default") or not url:
+        return default_url(out_dir)  # DIR/results.sqlite, wherever DIR is now
+    if "***" in url:
+        if os.environ.get(STORE_ENV):
+            return os.environ[STORE_ENV]
+        raise ValueError(f"the sweep in {out_dir} used the store {url}; give its password with --store URL "
+                         f"(or ${STORE_ENV})")
     return url
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 from calibprompt.experiments.executors import make_executor
 from calibprompt.experiments.grid import Grid, RunSpec
-from calibprompt.experiments.store import ResultStore, public_url
+from calibprompt.experiments.store import ResultStore, default_url, public_url
 from calibprompt.experiments.tasks import execute_run
 from calibprompt.features import FeatureCache
 from calibprompt.run import RESULT_FILE, finished_result
@@ -219,6 +219,7 @@ def _write_sweep_file(out_dir: Path, sweep_id: str, grid: Grid, specs: list[RunS
         "sweep_id": sweep_id,
         "name": grid.name,
         "store": public_url(url),
+        "store_default": url == default_url(out_dir),  # DIR/results.sqlite: found again if DIR moves
         "grid_source": grid.source,
         "grid": grid.spec,
         "effective": {**grid.describe(), "base": grid.base},

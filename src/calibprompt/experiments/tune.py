@@ -184,8 +184,9 @@ def run_tune(grid: Grid, out_dir: str | Path, *, method: str = "calibprompt", ob
                                  "params": sorted(params), "space": {p: space[p] for p in params},
                                  "acc_floor": acc_floor if objective == "val_ece_floor" else None})
             name = f"{grid.name}:{backbone}:{dataset}:{section['name']}:{objective}:{fixed[:10]}"
-            study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True,
-                                        sampler=optuna.samplers.TPESampler(seed=sampler_seed))
+            study = optuna.create_study(study_name=name, storage=storage, direction="minimize", load_if_exists=True)
+            # a resumed study must not replay the points drawn before: offset the seed by its trial count
+            study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
             _fail_own_stale(study)
             if default_trial and not study.trials:
                 defaults = _defaults(section, params, space)
@@ -368,13 +369,12 @@ def _summary(grid: Grid, cells: list[CellStudy], section: dict, objective: str, 
         "method": section["name"],
         "objective": objective,
         "objective_doc": OBJECTIVES[objective] + (f" (acc_floor {acc_floor})" if objective == "val_ece_floor" else ""),
-        "selection": "validation shots only; the test split is never read",
+        "selection": "validation shots only; no test image is encoded or scored",
         "storage": public_url(storage),
         "seeds": list(seeds),
         "shots": shots,
-        "params": {p: list(space[p][1:]) if space[p][1] == "cat" else {"key": space[p][0], "low": space[p][2],
-                                                                        "high": space[p][3], "log": True}
-                   for p in params},
+        "params": {p: {"key": space[p][0], "choices": list(space[p][2])} if space[p][1] == "cat" else
+                   {"key": space[p][0], "low": space[p][2], "high": space[p][3], "log": True} for p in params},
         "cells": out_cells,
     }
 
