@@ -369,7 +369,7 @@ def _label_of(methods: list[dict], name: str | None) -> str | None:
 def _meta_summary(meta: dict | None) -> dict | None:
     if not meta:
         return None
-    keep = ("parameters", "settings", "seconds", "splits", "weights_sha256", "threads")
+    keep = ("parameters", "settings", "seconds", "splits", "weights_sha256", "threads_chosen")
     out = {k: meta.get(k) for k in keep}
     out["sources"] = [{k: s.get(k) for k in ("name", "pretrain_images", "reserved_for_downstream", "val_images",
                                              "test_images_used", "captions_per_class")} for s in meta["sources"]]

@@ -285,7 +285,7 @@ class PretrainSettings:
     augment: bool = True  # random resized crop (area 0.5-1) and horizontal flip
     instance_weight: float = 0.0  # weight of an image-image InfoNCE term between two views (0: off)
     instance_scale: float = 10.0  # its logit scale (temperature 0.1)
-    threads: int | None = None  # torch threads while pretraining (None: torch's default)
+    threads: int | None = None  # torch threads while pretraining; None: measured (1 or all, see ThreadTuner)
     seed: int = 0
     context_length: int = 32
     width: int = 128
@@ -357,6 +357,45 @@ def _encode_text(model, ids: torch.Tensor) -> torch.Tensor:
     return x @ model.text_projection
 
 
+class ThreadTuner:
+    """Chooses the torch thread count by timing real steps: 1 thread against all cores, two steps
+    each, at the start and again every ``every`` steps. On an idle machine all cores win; on a busy
+    one (other processes on the same cores) multi-threaded steps can be 5-10x slower than one thread,
+    because every small op waits at a thread barrier for a descheduled thread."""
+
+    def __init__(self, every: int, fixed: int | None = None):
+        cores = max(1, os.cpu_count() or 1)
+        try:
+            cores = min(cores, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not on Linux
+            pass
+        self.candidates = [fixed] if fixed else sorted({1, cores})
+        self.every = max(every, 8)
+        self.times: dict[int, list[float]] = {}
+        self.choice = self.candidates[-1]
+        self.history: list[int] = []
+
+    def _phase(self, step: int) -> int:
+        return step % self.every - 1  # step 0 of each period (warm-up effects) is not timed
+
+    def before(self, step: int) -> None:
+        phase = self._phase(step)
+        if len(self.candidates) > 1 and 0 <= phase < 2 * len(self.candidates):
+            if phase == 0:
+                self.times = {}
+            torch.set_num_threads(self.candidates[phase // 2])
+        else:
+            torch.set_num_threads(self.choice)
+
+    def after(self, step: int, seconds: float) -> None:
+        phase = self._phase(step)
+        if len(self.candidates) > 1 and 0 <= phase < 2 * len(self.candidates):
+            self.times.setdefault(self.candidates[phase // 2], []).append(seconds)
+            if phase == 2 * len(self.candidates) - 1:
+                self.choice = min(self.times, key=lambda k: sum(self.times[k]))
+                self.history.append(self.choice)
+
+
 def multi_positive_clip_loss(logits: torch.Tensor, image_groups: torch.Tensor,
                              text_groups: torch.Tensor) -> torch.Tensor:
     """Symmetric CLIP loss in which every caption of an image's class is a positive: the target of
@@ -399,8 +438,6 @@ def pretrain_micro(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pre
     settings = settings or PretrainSettings()
     settings.validate()
     previous = torch.get_num_threads()
-    if settings.threads:
-        torch.set_num_threads(int(settings.threads))
     try:
         return _pretrain(data_cfgs, out_dir, settings, progress, log)
     finally:
@@ -504,7 +541,10 @@ def _pretrain(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pretrain
         bar = tqdm(total=total, desc="pretraining micro model", unit="step")
     model.train()
     losses: list[float] = []
+    tuner = ThreadTuner(settings.eval_every, settings.threads)
     for step in range(total):
+        tuner.before(step)
+        t_step = time.perf_counter()
         idx = torch.multinomial(sample_weight, settings.batch_size, replacement=True, generator=generator)
         x = images[idx]
         if settings.augment:
@@ -540,6 +580,7 @@ def _pretrain(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pretrain
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
         losses.append(float(loss.detach()))
+        tuner.after(step, time.perf_counter() - t_step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -580,7 +621,7 @@ def _pretrain(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pretrain
         "history": history,
         "seconds": round(seconds, 1),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads_chosen": tuner.history,
     }
     save_model(backbone, Path(out_dir), meta)
     say(f"saved micro model to {out_dir} ({seconds / 60:.1f} min)")

@@ -23,7 +23,7 @@ from calibprompt.backbones.loading import (
     DTYPES, build_empty, cast_floating_, random_fill_, read_weight_files, replace_output,
 )
 from calibprompt.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
-from calibprompt.backbones.weights import load_strict
+from calibprompt.backbones.weights import load_strict, write_state_dict
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -133,15 +133,7 @@ class HFClipBackbone(Backbone):
             (folder / "config.json").write_bytes(Path(config_path).read_bytes())
         else:
             self.model.config.to_json_file(str(folder / "config.json"))
-        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        tmp = folder / f".{weights_name}.tmp"
-        if weights_name.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        else:
-            torch.save(state, tmp)
-        tmp.replace(folder / weights_name)
+        write_state_dict(self.model, folder / weights_name)
         for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
             if tokenizer_dir is not None and (Path(tokenizer_dir) / name).is_file():
                 shutil.copyfile(Path(tokenizer_dir) / name, folder / name)

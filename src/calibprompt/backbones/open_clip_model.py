@@ -23,7 +23,7 @@ from torch import nn
 from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
 from calibprompt.backbones.loading import DTYPES, build_empty, cast_floating_, hub_offline, read_weight_files
 from calibprompt.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
-from calibprompt.backbones.weights import load_strict
+from calibprompt.backbones.weights import load_strict, write_state_dict
 
 WEIGHT_FILES = (
     "open_clip_model.safetensors",
@@ -246,15 +246,7 @@ class OpenClipBackbone(Backbone):
             "model_cfg": self.model_cfg,
             "preprocess_cfg": {"mean": list(p.mean), "std": list(p.std), "interpolation": p.interpolation},
         })
-        state = {k: v.contiguous() for k, v in self.model.state_dict().items()}
-        tmp = folder / f".{weights_name}.tmp"
-        if weights_name.endswith(".safetensors"):
-            from safetensors.torch import save_file
-
-            save_file(state, str(tmp), metadata={"format": "pt"})
-        else:
-            torch.save(state, tmp)
-        tmp.replace(folder / weights_name)
+        write_state_dict(self.model, folder / weights_name)
         return folder
 
     def copy_tokenizer_files(self, folder: str | Path, text_dir: str | Path) -> None:

@@ -57,3 +57,19 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: str,
         lines.append("  Check that the config matches the checkpoint (model name, quick_gelu, widths).")
         raise WeightsError("\n".join(lines))
     module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def write_state_dict(module: nn.Module, path: str | Path) -> Path:
+    """Save ``module``'s state dict atomically: safetensors for ``*.safetensors``, else a plain torch
+    file of tensors only (readable with ``weights_only=True``)."""
+    path = Path(path)
+    state = {k: v.contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    else:
+        torch.save(state, tmp)
+    tmp.replace(path)
+    return path
