@@ -121,7 +121,7 @@ def test_reduced_pretraining_then_prompt_tuning(tiny_micro, tmp_path):
         cfg = load_config(None, base={
             "backbone": {"path": str(folder)}, "data": data, "method": {"name": method}, "split_file": str(split),
             "shots": 8, "val_shots": 32, "seed": 1,
-            "train": {"epochs": 50, "optimizer": "adam", "lr": 0.002, "n_views": 10},
+            "train": {"epochs": 200, "optimizer": "adam", "lr": 0.002, "augment": False},  # as the demo
         })
         results[method] = run(cfg, tmp_path / method, quiet=True, cache=cache)["metrics"]
     zs, ce, ts = results["zeroshot"], results["coop-ce"], results["coop-ce+ts"]

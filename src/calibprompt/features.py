@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -121,6 +122,8 @@ class FeatureCache:
                 feat = feat.clone()  # own storage: a cached row must not keep its whole batch alive
                 out[g][i] = feat
                 self._store(weights, key, feat)
+            del tensors, pixels, feats
+            _release_freed_memory()
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
@@ -157,6 +160,30 @@ class FeatureCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(feat)}.tmp")
         save_file({"feature": feat.contiguous()}, str(tmp), metadata={"key": key})
         os.replace(tmp, path)  # atomic; a concurrent writer of the same key writes the same bytes
+
+
+_MALLOC_TRIM: object = None  # resolved on first use: glibc's malloc_trim, or False where there is none
+
+
+def _release_freed_memory() -> None:
+    """Hand the memory freed by an encoded batch (its activations) back to the OS, where glibc allows.
+
+    glibc keeps freed large blocks in its heaps once its mmap threshold has adapted upwards; the heaps
+    then fragment and resident memory creeps up with the number of batches encoded although nothing
+    is held (measured with BiomedCLIP on CPU: +330 MB between 250 and 1,000 test images; with this
+    call the encoding peak no longer grows). ``malloc_trim`` costs milliseconds, a batch seconds."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+            except (OSError, AttributeError):
+                pass
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
 
 
 def _apply(transform, image, view_key: str | None) -> torch.Tensor:

@@ -283,7 +283,8 @@ class PretrainSettings:
     captions_per_group: int = 16  # captions of every class encoded per step
     balance: str = "sqrt"  # how often each dataset is drawn: "sqrt" (~ sqrt of its size) or "size"
     augment: bool = True  # random resized crop (area 0.5-1) and horizontal flip
-    instance_weight: float = 0.0  # weight of an image-image InfoNCE term between two views (0: off)
+    instance_weight: float = 1.0  # image-image InfoNCE between two views of each image (0: off); without it
+    #                               the image features collapse onto one point per class (docs/demo.md)
     instance_scale: float = 10.0  # its logit scale (temperature 0.1)
     threads: int | None = None  # torch threads while pretraining; None: measured (1 or all, see ThreadTuner)
     seed: int = 0
