@@ -278,9 +278,12 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
                              "name": f"{entry['label']} · {ds.name} · seed {seed}"})
                 run_cfg_full = load_config(None, base=base)
                 folder = runs_root / _slug(entry["label"]) / f"seed{seed}"
+                # "<method>+ts" evaluates the prompts its base method learned on the same seed (same split,
+                # same settings) with a temperature fitted on the validation shots: no second training.
+                base_prompt = _base_prompt(entry, methods, results, seed)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    result = run(run_cfg_full, folder, quiet=True, cache=cache, overwrite=True)
+                    result = run(run_cfg_full, folder, quiet=True, cache=cache, overwrite=True, ctx_from=base_prompt)
                 for w in caught:
                     text = f"{entry['label']}: {w.message}"
                     if text not in notes:
@@ -320,6 +323,20 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     print(format_paired(paired, reference))
     say(f"done in {timings['total'] / 60:.1f} min; report {out / 'report.md'}, table {out / 'summary.json'}")
     return {"rows": rows, "paired": paired, "info": info, "table": table}
+
+
+def _base_prompt(entry: dict, methods: list[dict], results: dict, seed: int) -> Path | None:
+    """The prompt file of the method that ``entry`` post-hoc calibrates, when it already ran for ``seed``."""
+    method = dict(entry["method"])
+    name, sep, suffix = str(method.pop("name")).partition("+")
+    if not sep:
+        return None
+    for other in methods:
+        params = dict(other["method"])
+        if params.pop("name") == name and params == method and seed in results.get(other["label"], {}):
+            path = Path(results[other["label"]][seed]["dir"]) / "prompt.safetensors"
+            return path if path.is_file() else None
+    return None
 
 
 def _known(cls, values: dict) -> dict:
@@ -559,7 +576,8 @@ def draw_figures(out: Path, methods: list[dict], results: dict, dataset, referen
     n = len(methods)
     cols = min(n, 3)
     rows_ = math.ceil(n / cols)
-    fig = Figure(figsize=(4.0 * cols, 4.2 * rows_))
+    fig = Figure(figsize=(4.0 * cols, 4.6 * rows_))
+    fig.subplots_adjust(hspace=0.55, wspace=0.3)
     for i, entry in enumerate(methods):
         ax = fig.add_subplot(rows_, cols, i + 1)
         probs, labels = _pooled_predictions(results[entry["label"]])
@@ -578,7 +596,7 @@ def draw_figures(out: Path, methods: list[dict], results: dict, dataset, referen
         ax2.set_yticks([])
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{entry['label']}\nECE {ece * 100:.1f}%  acc {correct.mean() * 100:.1f}%", fontsize=10)
+        ax.set_title(f"{entry['label']}\npooled ECE {ece * 100:.1f}%, accuracy {correct.mean() * 100:.1f}%", fontsize=10)
         ax.set_xlabel("confidence")
         if i % cols == 0:
             ax.set_ylabel("accuracy")
@@ -648,7 +666,8 @@ def write_report(path: Path, rows: list[dict], paired: list[dict], info: dict, f
     lines += ["## Reliability diagrams", "",
               f"![reliability]({figures['reliability']})", "",
               "Test predictions of all seeds pooled per method. Each run's own diagram is "
-              "`runs/<method>/seed<k>/reliability.png`.", "",
+              "`runs/<method>/seed<k>/reliability.png`. A `+ TS` row evaluates the prompts of the row it "
+              "calibrates (same seed) with a temperature fitted on the validation shots.", "",
               f"![per seed]({figures['per_seed']})", "",
               "## What was used for what", "",
               "- **Pretraining** (micro model): the train split of "

@@ -270,7 +270,7 @@ def pretrain_samples(dataset) -> list:
 
 @dataclass
 class PretrainSettings:
-    steps: int = 500  # optimisation steps (the cost does not grow with the dataset)
+    steps: int = 400  # optimisation steps (the cost does not grow with the dataset)
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.1

@@ -16,7 +16,7 @@ def register(sub) -> None:
     p.add_argument("--datasets", default="pneumoniamnist,breastmnist",
                    help="comma-separated MedMNIST flags or data paths (default: pneumoniamnist,breastmnist)")
     p.add_argument("--out", help="model folder (default: <cache>/models/micro-medmnist[-<datasets>])")
-    p.add_argument("--steps", type=int, help="pretraining steps (default 500)")
+    p.add_argument("--steps", type=int, help="pretraining steps (default 400)")
     p.add_argument("--logit-scale", default=None,
                    help="fixed logit scale (default 100) or 'learned'")
     p.add_argument("--seed", type=int, help="pretraining seed (default 0)")
