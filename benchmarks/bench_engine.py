@@ -236,6 +236,17 @@ def build_biomedclip(workdir: Path):
     return OpenClipBackbone(model, model_cfg, preprocess, "biomedclip-arch-random", text_dir=str(text_dir))
 
 
+def embed_on_model_device(backbone) -> None:
+    """``PromptLearner`` embeds the token ids it tokenised (on the CPU) with the backbone's embedding
+    table; on an accelerator the ids must move to the table's device first. Done here for the
+    benchmark (harmless where the backbone already does it)."""
+    device = next(backbone.parameters()).device
+    if device.type == "cpu":
+        return
+    original = type(backbone).embed_tokens.__get__(backbone)
+    backbone.embed_tokens = lambda ids: original(ids.to(device))
+
+
 def load_model_dir(model_dir: str, text_dir: str | None):
     from calibprompt.backbones.open_clip_model import OpenClipBackbone
 
@@ -285,7 +296,7 @@ class ReferencePrompt(torch.nn.Module):
         ctx = torch.randn((n_ctx, dim), generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
         self.ctx = torch.nn.Parameter((ctx * init_std).to(dtype))
         prompts = [" ".join(["X"] * n_ctx) + " " + c.replace("_", " ") + "." for c in classnames]
-        ids = backbone.tokenize(prompts)  # full length, padded
+        ids = backbone.tokenize(prompts).to(next(backbone.parameters()).device)  # full length, padded
         with torch.no_grad():
             emb = backbone.embed_tokens(ids).to(dtype)
         self.register_buffer("ids", ids, persistent=False)
@@ -376,12 +387,10 @@ def run_reference(backbone, dataset, train_s, test_s, alpha, lam, settings, seed
 # the engine
 # ---------------------------------------------------------------------------------------------------
 def engine_features(cache, backbone, dataset, train_s, test_s, *, augment, n_views, aug_seed, device):
-    test_feats = cache.features(backbone, dataset, test_s).to(device)
-    if augment:
-        views = cache.view_bank(backbone, dataset, train_s, n_views, aug_seed=aug_seed)
-    else:
-        views = cache.features(backbone, dataset, train_s).unsqueeze(1)
-    return test_feats, views
+    """As ``calibprompt.run``: test features and training views in one encoder stream."""
+    groups = [(test_s, None)] + ([(train_s, v) for v in range(n_views)] if augment else [(train_s, None)])
+    feats = cache.prefetch(backbone, dataset, groups, aug_seed=aug_seed)
+    return feats[0].to(device), torch.stack(feats[1:], dim=1)
 
 
 def run_engine_sequential(backbone, dataset, train_s, test_s, configs, settings, seed, cache, *,
@@ -566,6 +575,7 @@ def _run_benchmark(args: argparse.Namespace, log=print) -> dict:
         with Clock(device) as t_model:
             backbone = (load_model_dir(args.model_dir, args.text_dir) if args.model_dir
                         else build_biomedclip(workdir)).to(device)
+        embed_on_model_device(backbone)
         n_params = sum(p.numel() for p in backbone.parameters())
         log(f"model: {backbone.info.name}, {n_params / 1e6:.1f} M parameters, built in {t_model.seconds:.1f} s "
             f"on {device} ({torch.get_num_threads()} CPU threads)")
@@ -727,22 +737,24 @@ def report(r: dict, log=print) -> None:
         f"{r['n_test']} test images, {n} configurations, augmentation {'on' if r['augment'] else 'off'}")
     log(f"load average at start {r['load_average_start']}, at end {r['load_average_end']}; "
         f"OMP_WAIT_POLICY={r['omp_wait_policy']}")
-    log(f"reference: timed on {r['reference_configs_timed']} configurations "
+    log(f"reference: timed on {r['reference_configs_timed']} configuration(s) "
         f"({', '.join(f'{s:.1f}' for s in r['reference_seconds_per_config'])} s); the sweep figure is their "
         f"mean x {n} (the reference shares nothing between configurations)")
+    ref_sweep = r["reference_sweep_seconds_extrapolated"]
+    mem = r["memory"]
     rows = [
         ("", "reference", "engine"),
-        ("single configuration [s]", f"{r['reference_sweep_seconds_extrapolated'] / n:.1f}", f"{r['engine_single_seconds']:.1f}"),
-        (f"sweep of {n} [s]", f"{r['reference_sweep_seconds_extrapolated']:.1f} (extrapolated)", f"{r['engine_sweep_seconds']:.1f}"),
+        ("single configuration [s]", f"{ref_sweep / n:.1f}", f"{r['engine_single_seconds']:.1f}"),
+        (f"sweep of {n} [s]", f"{ref_sweep:.1f} (extrapolated)", f"{r['engine_sweep_seconds']:.1f}"),
         ("images encoded (sweep)", f"{r['reference_images_encoded_sweep']}",
          f"{r['engine_images_encoded']} ({r['engine_encoder_rows']} rows)"),
         ("text tokens processed (sweep)", f"{r['reference_text_tokens_sweep']}", f"{r['engine_text_tokens']}"),
         ("text sequence length", f"{r['reference_context_length']}", f"{r['engine_prompt_length']}"),
-        ("peak RSS [MB]", f"{r['memory']['reference']['rss_peak_mb']:.0f}", f"{r['memory']['engine_sequential']['rss_peak_mb']:.0f}"),
+        ("peak RSS [MB]", f"{mem['reference']['rss_peak_mb']:.0f}", f"{mem['engine_sequential']['rss_peak_mb']:.0f}"),
     ]
-    if "cuda_peak_allocated_mb" in r["memory"]["reference"]:
-        rows.append(("peak CUDA allocated [MB]", f"{r['memory']['reference']['cuda_peak_allocated_mb']:.0f}",
-                     f"{r['memory']['engine_sequential']['cuda_peak_allocated_mb']:.0f}"))
+    if "cuda_peak_allocated_mb" in mem["reference"]:
+        rows.append(("peak CUDA allocated [MB]", f"{mem['reference']['cuda_peak_allocated_mb']:.0f}",
+                     f"{mem['engine_sequential']['cuda_peak_allocated_mb']:.0f}"))
     width = max(len(a) for a, _, _ in rows)
     for a, b, c in rows:
         log(f"  {a:<{width}}  {b:>22}  {c:>12}")
@@ -750,7 +762,8 @@ def report(r: dict, log=print) -> None:
     log(f"sweep_speedup   {r['sweep_speedup']:.2f}x")
     log(f"overhead_ratio  {r['overhead_ratio']:.3f}  (engine {r['engine_sweep_seconds']:.1f} s / unavoidable "
         f"{iso['unavoidable_sequential']:.1f} s = {iso['images']} images through the encoder "
-        f"{iso['image_seconds']:.1f} s ({iso['image_seconds_per_image']:.3f} s/image) + {iso['text_steps']} text steps x {iso['text_step_seconds']:.3f} s + "
+        f"{iso['image_seconds']:.1f} s ({iso['image_seconds_per_image']:.3f} s/image) + "
+        f"{iso['text_steps']} text steps x {iso['text_step_seconds']:.3f} s + "
         f"{n} eval passes x {iso['text_eval_seconds']:.3f} s, each timed in isolation)")
     if "sweep_speedup_batched" in r:
         log(f"batched multi-configuration engine: sweep {r['engine_batched_sweep_seconds']:.1f} s "
@@ -761,7 +774,7 @@ def report(r: dict, log=print) -> None:
     log(f"persistent cache: a second process reads every feature from disk in {r['warm_disk_cache_seconds']:.2f} s "
         f"({r['warm_disk_cache_images_encoded']} images encoded)")
     ok = r["max_metric_diff"] <= 1e-4
-    log(f"metric equality (engine vs reference, {r['reference_configs_timed']} configurations): "
+    log(f"metric equality (engine vs reference, {r['reference_configs_timed']} configuration(s)): "
         f"max |diff| = {r['max_metric_diff']:.2e} (sequential {r['max_metric_diff_sequential']:.2e}"
         + (f", batched {r['max_metric_diff_batched']:.2e}" if r.get("max_metric_diff_batched") is not None else "")
         + f"), max |logit diff| = {r['max_logit_diff']:.2e} -> {'OK' if ok else 'FAIL'} (tolerance 1e-4)")
@@ -784,38 +797,57 @@ def memory_probe_one(args: argparse.Namespace) -> dict:
     test_s = dataset.samples_in("test")[: args.probe_one]
     backbone.fingerprint()
     with PeakMemory(device) as mem, Clock(device) as clock:
-        feats = FeatureCache(workdir / f"probe-cache-{args.probe_one}").features(backbone, dataset, test_s)
+        cache = FeatureCache(workdir / f"probe-cache-{args.probe_one}-{os.getpid()}")
+        feats = cache.features(backbone, dataset, test_s)
+    after = (_status_kb("VmRSS") or 0) / 1024
     return {"n_test": len(test_s), "seconds": clock.seconds, **mem.as_dict(),
+            "rss_after_over_start_mb": round(after - mem.start_mb, 1),
+            "allocator": os.environ.get("MALLOC_MMAP_THRESHOLD_") and
+            f"MALLOC_MMAP_THRESHOLD_={os.environ['MALLOC_MMAP_THRESHOLD_']}" or "glibc default",
             "feature_matrix_mb": feats.numel() * feats.element_size() / 2**20,
             "pixels_if_not_streamed_mb": len(test_s) * 3 * backbone.preprocess.image_size ** 2 * 4 / 2**20}
 
 
+ALLOCATORS = {"glibc default": {}, "fixed mmap threshold": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
 def memory_probe(args: argparse.Namespace, log=print) -> dict:
+    """Each size in its own process, with glibc's default allocator settings and, with
+    ``--compare-allocators``, again with a fixed mmap threshold (large blocks always mapped and unmapped,
+    so resident memory follows live data)."""
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="calibprompt-memprobe-"))
     sizes = sorted(args.memory_probe)
     try:
         write_synthetic_images(workdir / "images", args.shots, max(sizes), args.image_size)
-        rows = []
-        for n in sizes:
-            cmd = [sys.executable, os.path.abspath(__file__), "--probe-one", str(n), "--workdir", str(workdir),
-                   "--device", args.device, "--image-size", str(args.image_size)]
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            if args.model_dir:
-                cmd += ["--model-dir", args.model_dir] + (["--text-dir", args.text_dir] if args.text_dir else [])
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            log(f"{n:>6} test images: peak RSS {row['rss_peak_mb']:.0f} MB = {row['rss_start_mb']:.0f} MB before + "
-                f"{row['rss_peak_over_start_mb']:.0f} MB while encoding ({row['seconds']:.0f} s); feature matrix "
-                f"{row['feature_matrix_mb']:.2f} MB; the pixels alone would be {row['pixels_if_not_streamed_mb']:.0f} MB "
-                "if not streamed")
-        growth = rows[-1]["rss_peak_over_start_mb"] - rows[0]["rss_peak_over_start_mb"]
-        feat_growth = rows[-1]["feature_matrix_mb"] - rows[0]["feature_matrix_mb"]
-        log(f"growth of the encoding peak from {sizes[0]} to {sizes[-1]} images: {growth:.1f} MB "
-            f"(feature matrix grows by {feat_growth:.2f} MB)")
-        return {"memory_probe": rows, "peak_growth_mb": growth, "feature_matrix_growth_mb": feat_growth,
-                "load_average": load_average()}
+        out: dict = {"load_average_start": load_average(), "allocators": {}}
+        allocators = ALLOCATORS if args.compare_allocators else {"glibc default": {}}
+        for name, env in allocators.items():
+            rows = []
+            for n in sizes:
+                cmd = [sys.executable, os.path.abspath(__file__), "--probe-one", str(n), "--workdir", str(workdir),
+                       "--device", args.device, "--image-size", str(args.image_size)]
+                if args.threads:
+                    cmd += ["--threads", str(args.threads)]
+                if args.model_dir:
+                    cmd += ["--model-dir", args.model_dir] + (["--text-dir", args.text_dir] if args.text_dir else [])
+                child_env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"} | env
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=child_env)
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                rows.append(row)
+                log(f"[{name}] {n:>5} test images: peak RSS {row['rss_peak_mb']:.0f} MB = {row['rss_start_mb']:.0f} MB "
+                    f"before + {row['rss_peak_over_start_mb']:.0f} MB while encoding, "
+                    f"{row['rss_after_over_start_mb']:.0f} MB held after ({row['seconds']:.0f} s); feature matrix "
+                    f"{row['feature_matrix_mb']:.2f} MB; the pixels alone would be "
+                    f"{row['pixels_if_not_streamed_mb']:.0f} MB if not streamed")
+            growth = rows[-1]["rss_peak_over_start_mb"] - rows[0]["rss_peak_over_start_mb"]
+            held = rows[-1]["rss_after_over_start_mb"] - rows[0]["rss_after_over_start_mb"]
+            feat_growth = rows[-1]["feature_matrix_mb"] - rows[0]["feature_matrix_mb"]
+            log(f"[{name}] from {sizes[0]} to {sizes[-1]} images: encoding peak {growth:+.1f} MB, held after "
+                f"{held:+.1f} MB (the feature matrix grows by {feat_growth:.2f} MB)")
+            out["allocators"][name] = {"rows": rows, "peak_growth_mb": growth, "held_growth_mb": held,
+                                       "feature_matrix_growth_mb": feat_growth}
+        out["load_average_end"] = load_average()
+        return out
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -829,7 +861,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, help="default 50 (quick 10)")
     p.add_argument("--n-test", type=int, help="test images; default 1000 (quick 100)")
     p.add_argument("--configs", type=int, default=10, help="engine configurations (alpha, lambda pairs)")
-    p.add_argument("--ref-configs", type=int, default=2, help="configurations the reference is timed on")
+    p.add_argument("--ref-configs", type=int,
+                   help="configurations the reference is timed on (default 2; quick 1: it shares nothing "
+                        "between configurations, so each costs the same)")
     p.add_argument("--shots", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--n-ctx", type=int, default=16)
@@ -845,10 +879,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--text-dir", help="BERT text folder for --model-dir")
     p.add_argument("--max-prompts", type=int, help="batched engine: sequences per text-encoder pass")
     p.add_argument("--no-batched", action="store_true", help="skip the batched multi-configuration engine")
+    p.add_argument("--batched", action="store_true",
+                   help="run the batched multi-configuration engine in --quick mode too (default: only without --quick)")
     p.add_argument("--iso-image-batches", type=int,
-                   help="isolated encoder batches timed for the unavoidable image cost (default 2; 4 full mode)")
+                   help="isolated encoder batches timed for the unavoidable image cost (quick 1, default 4)")
     p.add_argument("--memory-probe", type=int, nargs="+", metavar="N",
                    help="only measure peak RSS while streaming N test images through the cache (e.g. 250 1000)")
+    p.add_argument("--compare-allocators", action="store_true",
+                   help="memory probe: also run each size with a fixed glibc mmap threshold")
     p.add_argument("--probe-one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--workdir", help="keep images/cache here (default: a temporary folder, removed)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder")
@@ -859,8 +897,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.epochs = 10 if args.quick else 50
     if args.n_test is None:
         args.n_test = 100 if args.quick else 1000
+    # --quick must fit in 4 minutes on 2 cores: the reference is timed on one configuration, the encoder
+    # in isolation on one batch, and the batched engine (not a target) only on request.
     if args.iso_image_batches is None:
-        args.iso_image_batches = 4 if args.default_sizes else 2
+        args.iso_image_batches = 1 if args.quick else (4 if args.default_sizes else 2)
+    if args.ref_configs is None:
+        args.ref_configs = 1 if args.quick else 2
+    if args.quick and not args.batched:
+        args.no_batched = True
     if min(args.epochs, args.n_test, args.configs, args.ref_configs, args.shots, args.batch_size) < 1:
         p.error("epochs, n-test, configs, ref-configs, shots and batch-size must be >= 1")
     return args

@@ -47,7 +47,8 @@ def _args(bench, model, tmp_path, *extra):
     model_dir, text_dir = model
     return bench.parse_args(["--model-dir", str(model_dir), "--text-dir", str(text_dir), "--image-size", "32",
                              "--epochs", "3", "--n-test", "10", "--configs", "3", "--shots", "4",
-                             "--batch-size", "8", "--device", "cpu", "--threads", "1", "--workdir", str(tmp_path / "work"),
+                             "--batch-size", "8", "--device", "cpu", "--threads", "1",
+                             "--workdir", str(tmp_path / "work"),
                              "--json", str(tmp_path / "out.json"), *extra])
 
 
@@ -101,7 +102,8 @@ def test_batched_trainer_equals_sequential(tiny_bert):
     expected = []
     for a, lam, seed, lr in specs:
         lrn = learner(seed)
-        res = train_prompts(backbone, lrn, objective(a, lam), views, labels, TrainSettings(epochs=3, batch_size=8, lr=lr), seed)
+        settings = TrainSettings(epochs=3, batch_size=8, lr=lr)
+        res = train_prompts(backbone, lrn, objective(a, lam), views, labels, settings, seed)
         expected.append((lrn.ctx.detach().clone(), res.losses))
     for max_prompts in (None, 2):
         learners = [learner(seed) for _, _, seed, _ in specs]
@@ -118,7 +120,8 @@ def test_batched_trainer_equals_sequential(tiny_bert):
             assert torch.allclose(t, lrn.text_features(backbone).detach(), atol=1e-6)
     with pytest.raises(ValueError, match="twice"):
         lrn = learner(1)
-        train_prompts_batched(backbone, [lrn, lrn], [objective(0.1, 1.0)] * 2, views, labels, TrainSettings(epochs=1), 1)
+        train_prompts_batched(backbone, [lrn, lrn], [objective(0.1, 1.0)] * 2, views, labels,
+                              TrainSettings(epochs=1), 1)
     with pytest.raises(ValueError, match="epochs"):
         train_prompts_batched(backbone, [learner(1), learner(2)], [objective(0.1, 1.0)] * 2, views, labels,
                               [TrainSettings(epochs=1), TrainSettings(epochs=2)], 1)
@@ -129,3 +132,29 @@ def test_missing_shared_configs_fail_clearly(bench, tmp_path, monkeypatch, capsy
     assert bench.main(["--quick"]) == 2
     err = capsys.readouterr().err
     assert "CALIBPROMPT_DATA" in err and "biomedclip/open_clip_config.json" in err
+
+
+def test_quick_mode_settings(bench):
+    """--quick fits its 4-minute budget: one reference configuration, one isolated encoder batch and no
+    batched engine unless asked for; the default mode times two reference configurations."""
+    quick = bench.parse_args(["--quick"])
+    assert (quick.epochs, quick.n_test, quick.configs) == (10, 100, 10)
+    assert (quick.ref_configs, quick.iso_image_batches, quick.no_batched) == (1, 1, True)
+    assert bench.parse_args(["--quick", "--batched"]).no_batched is False
+    assert bench.parse_args(["--quick", "--ref-configs", "2"]).ref_configs == 2
+    full = bench.parse_args([])
+    assert (full.epochs, full.n_test, full.ref_configs, full.iso_image_batches, full.no_batched) == (50, 1000, 2, 4, False)
+
+
+def test_memory_probe_on_tiny_model(bench, tiny_bert, tmp_path):
+    """Each size is encoded in its own process; the report holds one row per size and the growths."""
+    model_dir, text_dir = tiny_bert
+    args = bench.parse_args(["--model-dir", str(model_dir), "--text-dir", str(text_dir), "--image-size", "32",
+                             "--device", "cpu", "--threads", "1", "--shots", "2", "--memory-probe", "8", "40"])
+    out = bench.memory_probe(args, log=lambda *a: None)
+    probe = out["allocators"]["glibc default"]
+    assert [row["n_test"] for row in probe["rows"]] == [8, 40]
+    assert all(row["rss_peak_mb"] >= row["rss_start_mb"] > 0 for row in probe["rows"])
+    dim = probe["rows"][0]["feature_matrix_mb"] * 2**20 / (8 * 4)  # float32 features of 8 images
+    assert probe["feature_matrix_growth_mb"] == pytest.approx(32 * dim * 4 / 2**20)
+    assert set(out["allocators"]) == {"glibc default"}  # the second allocator only with --compare-allocators

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from calibprompt.micro import (
     META_FILE,
@@ -117,13 +118,20 @@ def test_reduced_pretraining_then_prompt_tuning(tiny_micro, tmp_path):
     split = write_splits(ds, [1], shots=8, val_shots=32, folder=tmp_path / "splits")[1]
     cache = FeatureCache(tmp_path / "features")
     results = {}
-    for method in ("zeroshot", "coop-ce", "coop-ce+ts"):
-        cfg = load_config(None, base={
-            "backbone": {"path": str(folder)}, "data": data, "method": {"name": method}, "split_file": str(split),
-            "shots": 8, "val_shots": 32, "seed": 1,
-            "train": {"epochs": 200, "optimizer": "adam", "lr": 0.002, "augment": False},  # as the demo
-        })
-        results[method] = run(cfg, tmp_path / method, quiet=True, cache=cache)["metrics"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny text encoder: one thread, as the demo does
+    try:
+        for method in ("zeroshot", "coop-ce", "coop-ce+ts"):
+            cfg = load_config(None, base={
+                "backbone": {"path": str(folder)}, "data": data, "method": {"name": method},
+                "split_file": str(split), "shots": 8, "val_shots": 32, "seed": 1,
+                "train": {"epochs": 200, "optimizer": "adam", "lr": 0.002, "augment": False},  # as the demo
+            })
+            # +ts evaluates the CE prompts with a temperature fitted on the validation shots
+            ctx = tmp_path / "coop-ce" / "prompt.safetensors" if method == "coop-ce+ts" else None
+            results[method] = run(cfg, tmp_path / method, quiet=True, cache=cache, ctx_from=ctx)["metrics"]
+    finally:
+        torch.set_num_threads(threads)
     zs, ce, ts = results["zeroshot"], results["coop-ce"], results["coop-ce+ts"]
     assert zs["accuracy"] > 0.5 + 0.1, zs  # K = 2: chance is 0.5 (the majority class is 0.625)
     assert zs["macro_f1"] > 0.5, zs

@@ -24,7 +24,7 @@ import time
 import warnings
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -211,15 +211,15 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     # 2. model
     t = time.perf_counter()
     meta, trained = None, False
-    if model is not None and not retrain:
+    if model is not None and not retrain and (Path(model).expanduser() / "open_clip_config.json").is_file():
         model_dir = Path(model).expanduser()
         meta = read_meta(model_dir)
         if meta is None:
             from calibprompt.backbones.open_clip_model import find_weights
 
-            if not (model_dir / "open_clip_config.json").is_file() or find_weights(model_dir) is None:
-                raise FileNotFoundError(f"--model {model_dir}: no open_clip model there (open_clip_config.json "
-                                        "and weights); omit --model to use (and pretrain) the micro model")
+            if find_weights(model_dir) is None:
+                raise FileNotFoundError(f"--model {model_dir}: open_clip_config.json but no weights there; "
+                                        "download them, or omit --model to use (and pretrain) the micro model")
         say(f"2/4 model: {model_dir}" + ("" if meta else " (not a micro model: used as it is)"))
     else:
         if is_flag and ds.name in DEFAULT_SOURCES:

@@ -1,26 +1,28 @@
 """A micro Med-VLM that the project trains itself, so the whole method can be seen working offline.
 
 The model is an ordinary open_clip ``CLIP`` (causal text transformer, CLIP BPE tokenizer) with a small
-config: a ViT with patch 4 on 28x28 images (width 128, 4 layers) and a text transformer of width 128,
-3 layers, context 32 (about 7.8 M parameters, 6.3 M of them the BPE token-embedding table). It is
-trained contrastively on real MedMNIST images paired with caption paraphrases built from the class
+config: a ViT with patch 7 on 28x28 images (width 128, 4 layers) and a text transformer of width 128,
+3 layers, context 32 (7.8 M parameters, 6.3 M of them the BPE token-embedding table). It is trained
+contrastively on real MedMNIST images paired with caption paraphrases built from the class
 descriptions; captions of the same class count as positives of each other (a multi-positive,
-"supervised" CLIP loss), because with a handful of classes most pairs in a batch share a class.
-It is saved in open_clip's hub format, so it loads through the normal backbone path::
+"supervised" CLIP loss), plus an image-image InfoNCE between two augmented views that keeps the image
+features rich (without it they collapse onto one point per class). It is saved in open_clip's hub
+format, so it loads through the normal backbone path::
 
     backbone: {path: ~/.cache/calibprompt/models/micro-medmnist}
 
 Which images are used for what (see docs/demo.md):
 
 * **pretraining** uses the *train* split of each source dataset, minus a reserved *downstream pool*;
-* the **downstream pool** (per class, ``min(64, n // 4)`` train images, at least ``min(16, n // 2)``, chosen by a seed-independent
+* the **downstream pool** (per class :func:`reserve_size` train images, chosen by a seed-independent
   content hash) is never seen in pretraining; the demo draws its few-shot *training shots* from it;
 * the *val* split is used to report zero-shot accuracy during pretraining (no selection is made on
   it: the last step is saved) and, in the demo, for the validation shots of temperature scaling;
 * the *test* split is never read here.
 
-The logit scale is fixed at 100 by default (``logit_scale: 100``), as CLIP-style Med-VLMs effectively
-are; ``logit_scale: null`` learns it (open_clip's usual init 1/0.07, clamped at 100).
+The saved logit scale is 100 (``logit_scale: 100``), as CLIP-style Med-VLMs effectively have; it is not
+learned, but rises from 10 to 100 during the first half of pretraining, because at 100 from the first
+step every image sits on the majority class for hundreds of steps. ``logit_scale: null`` learns it.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -204,10 +206,24 @@ def _download_medmnist(flag: str, target: Path, quiet: bool) -> str | None:
         cls = getattr(medmnist, INFO[flag]["python_class"])
         cls(split="test", root=str(target), download=True)
     except Exception as err:  # noqa: BLE001 - offline machines fail in many ways; report one line
-        return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no network?'}"
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        for partial in target.glob(f"{flag}*.npz*"):  # never leave half a download behind
+            if not _complete_npz(partial):
+                partial.unlink(missing_ok=True)
+        return f"{type(err).__name__}: {first or 'the download failed (is the machine offline?)'}"
     finally:
         socket.setdefaulttimeout(previous)
     return None
+
+
+def _complete_npz(path: Path) -> bool:
+    try:
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as npz:
+            return "test_images" in npz.files
+    except Exception:  # noqa: BLE001 - unreadable means incomplete
+        return False
 
 
 def medmnist_data_cfg(flag: str, download: bool = True, quiet: bool = False) -> dict:

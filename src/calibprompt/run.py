@@ -114,10 +114,18 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     tr = resolved["train"]
     encoded_before = cache.encoded
 
+    # Every feature this run needs (test, validation shots, training views) in one encoder stream, so
+    # only the stream's last batch is padded (features.py pads partial batches for determinism).
+    tunes = bool(method["trains"]) and ctx_from is None
+    n_views = (int(tr["n_views"] or tr["epochs"]) if tr["augment"] else 1) if tunes else 0
+    train_groups = [(train_s, v if tr["augment"] else None) for v in range(n_views)]
     t = time.perf_counter()
-    test_feats = cache.features(backbone, dataset, test_s, progress=progress).to(device)
-    val_feats = cache.features(backbone, dataset, val_s, progress=progress).to(device) if val_s else None
-    timings["test_features"] = time.perf_counter() - t
+    feats = cache.prefetch(backbone, dataset, [(test_s, None), (val_s, None), *train_groups],
+                           aug_seed=int(tr["aug_seed"]), progress=progress)
+    test_feats = feats[0].to(device)
+    val_feats = feats[1].to(device) if val_s else None
+    train_views = torch.stack(feats[2:], dim=1) if tunes else None  # (N, views, D)
+    timings["features"] = time.perf_counter() - t
     scale = backbone.logit_scale.float()
     zs_text = zero_shot_text_features(backbone, dataset.classnames, dataset.template)
 
@@ -136,16 +144,8 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
             objective = build_objective(method["losses"])
             _warn_if_smac_alpha_inert(method["losses"], train_s, int(tr["batch_size"]))
             settings = TrainSettings(**{k: tr[k] for k in TrainSettings.__dataclass_fields__})
-            t = time.perf_counter()
             labels = torch.tensor([s.label for s in train_s])
-            if tr["augment"]:
-                n_views = int(tr["n_views"] or tr["epochs"])
-                views = cache.view_bank(backbone, dataset, train_s, n_views, aug_seed=int(tr["aug_seed"]),
-                                        progress=progress)
-            else:
-                views = cache.features(backbone, dataset, train_s, progress=progress).unsqueeze(1)
-            timings["train_features"] = time.perf_counter() - t
-            result = train_prompts(backbone, learner, objective, views, labels, settings, seed,
+            result = train_prompts(backbone, learner, objective, train_views, labels, settings, seed,
                                    zs_text_features=zs_text, progress=progress)
             timings["train"] = result.seconds
             train_info = {"steps": result.steps, "epoch_losses": result.losses,

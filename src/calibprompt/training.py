@@ -3,6 +3,9 @@
 Per step only the text encoder runs: the K class prompts are assembled from the context vectors, encoded
 (trimmed to their real length, which is exact), and compared with the cached features of the batch.
 
+``train_prompts_batched`` trains several configurations at once (one text-encoder pass per step over all
+their prompts), each ending where ``train_prompts`` would; see docs/performance.md.
+
 Protocol defaults (paper, method.md §4): 50 epochs, batch 16 with ``drop_last`` when the training set
 has >= 16 images, SGD lr 0.002 momentum 0.9 weight decay 5e-4, one constant warm-up epoch at 1e-5, then
 cosine decay stepped once per epoch: epoch k >= 1 uses lr/2 * (1 + cos(pi (k-1) / epochs)).
