@@ -388,9 +388,9 @@ def run_reference(backbone, dataset, train_s, test_s, alpha, lam, settings, seed
 # ---------------------------------------------------------------------------------------------------
 def engine_features(cache, backbone, dataset, train_s, test_s, *, augment, n_views, aug_seed, device):
     """As ``calibprompt.run``: test features and training views in one encoder stream."""
-    groups = [(test_s, None)] + ([(train_s, v) for v in range(n_views)] if augment else [(train_s, None)])
-    feats = cache.prefetch(backbone, dataset, groups, aug_seed=aug_seed)
-    return feats[0].to(device), torch.stack(feats[1:], dim=1)
+    (test_feats,), views = cache.run_features(backbone, dataset, [test_s], train_s,
+                                              n_views=n_views if augment else None, aug_seed=aug_seed)
+    return test_feats.to(device), views
 
 
 def run_engine_sequential(backbone, dataset, train_s, test_s, configs, settings, seed, cache, *,
@@ -532,11 +532,14 @@ def time_isolated(backbone, dataset, images_needed: int, encode_batch: int, seq_
 # the benchmark
 # ---------------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"bench_engine: --device {name} requested but CUDA is not available")
-    return torch.device(name)
+    """``--device`` as ``calibprompt run`` resolves ``device:``; an unavailable CUDA ends the script."""
+    from calibprompt.run import resolve_device as run_device
+
+    try:
+        return run_device(name)
+    except ValueError:
+        raise SystemExit(f"bench_engine: --device {name} requested but CUDA is not available; "
+                         "use --device cpu or auto") from None
 
 
 def load_average() -> str:

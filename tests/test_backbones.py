@@ -54,6 +54,16 @@ def zero_shot_logits(backbone, ids: torch.Tensor, images: torch.Tensor) -> torch
     return backbone.logit_scale.float() * img @ txt.T
 
 
+def assert_zero_shot_equals_open_clip(backbone, ids: torch.Tensor) -> None:
+    """Our zero-shot logits (trimmed ids) equal open_clip's own ``get_logits`` on the full ids."""
+    images = probe_images(backbone)
+    ours = zero_shot_logits(backbone, ids, images)
+    with torch.no_grad():
+        direct = backbone.model.get_logits(images, ids)[0]
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, direct, atol=1e-4, rtol=1e-5)
+
+
 def written_prompts(phrase: str, classnames: list[str], position: str) -> list[str]:
     """The prompt text a learner with ctx = token embeddings of ``phrase`` stands for."""
     words = phrase.split()

@@ -20,7 +20,8 @@ from calibprompt.backbones.registry import load_backbone
 from calibprompt.prompts import PromptLearner
 from tests.conftest import require_shared
 from tests.test_backbones import (  # noqa: F401 - hub_offline is an autouse fixture
-    hub_offline, injection_errors, n_params, probe_images, zero_shot_logits,
+    assert_zero_shot_equals_open_clip, hub_offline, injection_errors, n_params, probe_images,
+    zero_shot_logits,
 )
 
 CLASSES = ["adipose tissue", "colorectal adenocarcinoma epithelium"]
@@ -90,12 +91,7 @@ def test_architecture_and_recorded_switches(loaded, case):
 def test_zero_shot_logits_equal_open_clip(loaded, case):
     bb = loaded(case)
     ids = bb.tokenize([f"An H&E image of {c}." for c in CLASSES])
-    images = probe_images(bb)
-    ours = zero_shot_logits(bb, ids, images)
-    with torch.no_grad():
-        direct = bb.model.get_logits(images, ids)[0]
-    assert torch.isfinite(ours).all()
-    torch.testing.assert_close(ours, direct, atol=1e-4, rtol=1e-5)
+    assert_zero_shot_equals_open_clip(bb, ids)
 
 
 @pytest.mark.parametrize("case", ["quiltnet-b32", "quiltnet-b16", "clip-vit-b16.pt"])

@@ -71,6 +71,20 @@ class FeatureCache:
             return torch.empty(len(samples), 0, backbone.info.embed_dim)
         return torch.stack(views, dim=1)
 
+    def run_features(self, backbone: Backbone, dataset, eval_sets: Sequence[Sequence], train: Sequence = (),
+                     n_views: int | None = None, aug_seed: int = 0, batch_size: int = 32,
+                     progress: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """What one run needs, in one encoder stream (so at most one padded batch): the features of each
+        of ``eval_sets`` (test transform) and the training views of ``train``, shaped (N, V, D):
+        ``n_views`` augmented views, or with ``n_views=None`` the test-transform feature (V = 1)."""
+        views = [None] if n_views is None else list(range(n_views))
+        groups = [(s, None) for s in eval_sets] + ([(train, v) for v in views] if len(train) else [])
+        feats = self.prefetch(backbone, dataset, groups, aug_seed=aug_seed, batch_size=batch_size,
+                              progress=progress)
+        dim = backbone.info.embed_dim
+        train_views = torch.stack(feats[len(eval_sets):], dim=1) if len(train) else torch.empty(0, len(views), dim)
+        return feats[: len(eval_sets)], train_views
+
     def prefetch(self, backbone: Backbone, dataset, groups: Sequence[tuple[Sequence, int | None]],
                  aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> list[torch.Tensor]:
         """Features of several ``(samples, view)`` groups at once: ``[features(samples, view), ...]``.

@@ -53,6 +53,11 @@ def finished_result(out_dir: str | Path, run_hash: str | None = None) -> dict | 
     return result
 
 
+def augment_views(train_cfg: dict) -> int | None:
+    """Augmented training views of a resolved ``train:`` section (None: no augmentation)."""
+    return int(train_cfg["n_views"] or train_cfg["epochs"]) if train_cfg["augment"] else None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -114,17 +119,13 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     tr = resolved["train"]
     encoded_before = cache.encoded
 
-    # Every feature this run needs (test, validation shots, training views) in one encoder stream, so
-    # only the stream's last batch is padded (features.py pads partial batches for determinism).
     tunes = bool(method["trains"]) and ctx_from is None
-    n_views = (int(tr["n_views"] or tr["epochs"]) if tr["augment"] else 1) if tunes else 0
-    train_groups = [(train_s, v if tr["augment"] else None) for v in range(n_views)]
     t = time.perf_counter()
-    feats = cache.prefetch(backbone, dataset, [(test_s, None), (val_s, None), *train_groups],
-                           aug_seed=int(tr["aug_seed"]), progress=progress)
-    test_feats = feats[0].to(device)
-    val_feats = feats[1].to(device) if val_s else None
-    train_views = torch.stack(feats[2:], dim=1) if tunes else None  # (N, views, D)
+    (test_feats, val_feats), train_views = cache.run_features(
+        backbone, dataset, [test_s, val_s], train_s if tunes else (), n_views=augment_views(tr),
+        aug_seed=int(tr["aug_seed"]), progress=progress)
+    test_feats = test_feats.to(device)
+    val_feats = val_feats.to(device) if val_s else None
     timings["features"] = time.perf_counter() - t
     scale = backbone.logit_scale.float()
     zs_text = zero_shot_text_features(backbone, dataset.classnames, dataset.template)

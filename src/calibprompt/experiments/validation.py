@@ -91,7 +91,7 @@ def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_ctx:
     from calibprompt.losses import build_objective
     from calibprompt.metrics import calibration_metrics
     from calibprompt.prompts import PromptLearner
-    from calibprompt.run import resolve_device
+    from calibprompt.run import augment_views, resolve_device
     from calibprompt.training import TrainSettings, predict_logits, train_prompts, zero_shot_text_features
 
     resolved = resolve(cfg)
@@ -108,7 +108,9 @@ def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_ctx:
     tr = resolved["train"]
     p = resolved["prompt"]
 
-    val_feats = cache.features(backbone, view, view.val).to(device)
+    (val_feats,), views = cache.run_features(backbone, view, [view.val], view.train, n_views=augment_views(tr),
+                                             aug_seed=int(tr["aug_seed"]))
+    val_feats = val_feats.to(device)
     scale = backbone.logit_scale.float()
     zs_text = zero_shot_text_features(backbone, view.classnames, view.template)
     gen = torch.Generator().manual_seed(seed)
@@ -118,11 +120,6 @@ def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_ctx:
     objective = build_objective(method["losses"])
     settings = TrainSettings(**{k: tr[k] for k in TrainSettings.__dataclass_fields__})
     labels = torch.tensor([s.label for s in view.train])
-    if tr["augment"]:
-        n_views = int(tr["n_views"] or tr["epochs"])
-        views = cache.view_bank(backbone, view, view.train, n_views, aug_seed=int(tr["aug_seed"]))
-    else:
-        views = cache.features(backbone, view, view.train).unsqueeze(1)
     train_prompts(backbone, learner, objective, views, labels, settings, seed, zs_text_features=zs_text)
     with torch.no_grad():
         text = learner.text_features(backbone)
