@@ -64,7 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 
 CLASSES = ("covid", "normal")  # COVID (K = 2), the BiomedCLIP dataset of the paper
 VOCAB_WORDS = ("x", "covid", "normal", "chest", "ray", "image", "patient", "of", "a")
-# (alpha, lambda_AS) sweep; the first is the paper's BiomedCLIP setting (method.md §5).
+# (alpha, lambda_AS) sweep; the first is the paper's BiomedCLIP setting (docs/method.md, "hyper-parameters").
 ALPHAS = (0.1, 0.2, 0.05, 0.3, 0.0)
 LAMBDAS = (3.0, 1.0, 0.3, 10.0)
 ENCODE_BATCH = 32  # FeatureCache's default encoding batch
@@ -324,8 +324,8 @@ def run_reference(backbone, dataset, train_s, test_s, alpha, lam, settings, seed
                   n_views: int, aug_seed: int, n_ctx: int, device, stats: PathStats,
                   test_batch: int = 100) -> tuple[dict, torch.Tensor]:
     """One configuration, official-code style. Returns (metrics, test logits)."""
-    from calibprompt.features import FeatureCache, _apply
-    from calibprompt.training import class_logits, make_optimizer, view_schedule
+    from calibprompt.features.cache import FeatureCache, _apply
+    from calibprompt.methods.prompt_training import class_logits, make_optimizer, view_schedule
 
     objective = objective_for(alpha, lam)
     prompt = ReferencePrompt(backbone, dataset.classnames, n_ctx, seed).to(device)
@@ -386,8 +386,20 @@ def run_reference(backbone, dataset, train_s, test_s, alpha, lam, settings, seed
 # ---------------------------------------------------------------------------------------------------
 # the engine
 # ---------------------------------------------------------------------------------------------------
+def engine_resolved(alpha: float, lam: float, settings, seed: int, n_ctx: int, *, augment: bool, n_views: int,
+                    aug_seed: int) -> dict:
+    """The resolved run config of one benchmark configuration (CalibPrompt with this alpha and lambda)."""
+    from dataclasses import asdict
+
+    from calibprompt.methods import resolve_method
+
+    return {"seed": seed, "resolved_method": resolve_method("calibprompt", alpha=alpha, lambda_as=lam).as_config(),
+            "train": {**asdict(settings), "augment": augment, "n_views": n_views, "aug_seed": aug_seed},
+            "prompt": {"n_ctx": n_ctx, "init": None, "position": "end", "csc": False, "init_std": 0.02}}
+
+
 def engine_features(cache, backbone, dataset, train_s, test_s, *, augment, n_views, aug_seed, device):
-    """As ``calibprompt.run``: test features and training views in one encoder stream."""
+    """As ``calibprompt.engine.pipeline.encode``: test features and training views in one encoder stream."""
     (test_feats,), views = cache.run_features(backbone, dataset, [test_s], train_s,
                                               n_views=n_views if augment else None, aug_seed=aug_seed)
     return test_feats.to(device), views
@@ -395,36 +407,33 @@ def engine_features(cache, backbone, dataset, train_s, test_s, *, augment, n_vie
 
 def run_engine_sequential(backbone, dataset, train_s, test_s, configs, settings, seed, cache, *,
                           augment, n_views, aug_seed, n_ctx, device, stats: PathStats):
-    """``calibprompt run``'s path, one configuration after another over one feature cache.
-    Returns (metrics per config, logits per config, cold-encoding seconds of the first config)."""
-    from calibprompt.prompts import PromptLearner
-    from calibprompt.training import predict_logits, train_prompts
+    """``calibprompt train``'s path (the stages of ``calibprompt.engine.pipeline``), one configuration after
+    another over one feature cache. Returns (metrics per config, logits per config, cold-encoding seconds
+    of the first config)."""
+    from calibprompt.engine import pipeline
 
-    labels = torch.tensor([s.label for s in train_s])
     test_labels = np.array([s.label for s in test_s])
-    scale = backbone.logit_scale.float()
     metrics, logits_all, encode_first = [], [], 0.0
     for c, (alpha, lam) in enumerate(configs):
         encoded = cache.encoded
+        resolved = engine_resolved(alpha, lam, settings, seed, n_ctx, augment=augment, n_views=n_views,
+                                   aug_seed=aug_seed)
         with Clock(device) as whole:
+            method = pipeline.build_method(resolved)
             with Clock(device) as enc:
-                test_feats, views = engine_features(cache, backbone, dataset, train_s, test_s, augment=augment,
-                                                    n_views=n_views, aug_seed=aug_seed, device=device)
-            learner = PromptLearner(backbone, dataset.classnames, n_ctx=n_ctx,
-                                    generator=torch.Generator().manual_seed(seed)).to(device)
-            result = train_prompts(backbone, learner, objective_for(alpha, lam), views, labels, settings, seed)
-            with torch.no_grad():
-                text = learner.text_features(backbone)
-            logits = predict_logits(test_feats, text, scale.to(device), 100).cpu()
+                feats = pipeline.encode(cache, backbone, dataset, method, resolved, [test_s], train_s, True, False)
+            fitted = pipeline.fit(method, backbone, dataset, resolved, train_s, feats.train_views, None, device)
+            logits = pipeline.logits(fitted.head.to(device), feats.evals[0].to(device))
             metrics.append(compute_metrics(logits, test_labels))
         logits_all.append(logits)
         if c == 0:
             encode_first = enc.seconds
+        k, length = fitted.info["prompt_shape"]
         stats.per_config_seconds.append(whole.seconds)
         stats.images_encoded += cache.encoded - encoded
-        stats.text_tokens += result.text_tokens + int(learner.ids.numel())
-        stats.steps += result.steps
-        stats.prompt_length = int(learner.ids.shape[1])
+        stats.text_tokens += fitted.info["text_tokens"] + k * length
+        stats.steps += fitted.info["steps"]
+        stats.prompt_length = int(length)
     stats.seconds = sum(stats.per_config_seconds)
     return metrics, logits_all, encode_first
 
@@ -432,8 +441,10 @@ def run_engine_sequential(backbone, dataset, train_s, test_s, configs, settings,
 def run_engine_batched(backbone, dataset, train_s, test_s, configs, settings, seed, cache, *,
                        augment, n_views, aug_seed, n_ctx, device, stats: PathStats, max_prompts=None):
     """All configurations in lockstep: one text-encoder pass per step over the stacked prompts."""
-    from calibprompt.prompts import PromptLearner
-    from calibprompt.training import batched_text_features, predict_logits, train_prompts_batched
+    from calibprompt.methods.prompt_learner import PromptLearner
+    from calibprompt.engine.pipeline import logits as head_logits
+    from calibprompt.methods import LinearHead
+    from calibprompt.methods.prompt_training import batched_text_features, train_prompts_batched
 
     labels = torch.tensor([s.label for s in train_s])
     test_labels = np.array([s.label for s in test_s])
@@ -447,7 +458,8 @@ def run_engine_batched(backbone, dataset, train_s, test_s, configs, settings, se
         results = train_prompts_batched(backbone, learners, [objective_for(a, lam) for a, lam in configs],
                                         views, labels, settings, seed, max_prompts=max_prompts)
         texts = batched_text_features(backbone, learners, max_prompts=max_prompts)
-        logits_all = [predict_logits(test_feats, t, scale, 100).cpu() for t in texts]
+        logits_all = [head_logits(LinearHead(t, scale=float(scale), normalize_weight=False).to(device), test_feats)
+                      for t in texts]
         metrics = [compute_metrics(lg, test_labels) for lg in logits_all]
     stats.seconds = whole.seconds
     stats.images_encoded += cache.encoded - encoded
@@ -474,8 +486,8 @@ def time_isolated(backbone, dataset, images_needed: int, encode_batch: int, seq_
     encoder (per-image time of full ``encode_batch`` batches of random pixels, median of
     ``image_batches``), the text-encoder steps it ran (forward + backward to the context, K prompts;
     or the stacked C*K prompts of the batched engine) and its evaluation text passes."""
-    from calibprompt.prompts import PromptLearner
-    from calibprompt.training import batched_text_features
+    from calibprompt.methods.prompt_learner import PromptLearner
+    from calibprompt.methods.prompt_training import batched_text_features
 
     size = backbone.preprocess.image_size
     dtype = next(backbone.parameters()).dtype
@@ -533,7 +545,7 @@ def time_isolated(backbone, dataset, images_needed: int, encode_batch: int, seq_
 # ---------------------------------------------------------------------------------------------------
 def resolve_device(name: str) -> torch.device:
     """``--device`` as ``calibprompt run`` resolves ``device:``; an unavailable CUDA ends the script."""
-    from calibprompt.run import resolve_device as run_device
+    from calibprompt.engine.pipeline import resolve_device as run_device
 
     try:
         return run_device(name)
@@ -562,7 +574,7 @@ def run_benchmark(args: argparse.Namespace, log=print) -> dict:
 
 def _run_benchmark(args: argparse.Namespace, log=print) -> dict:
     from calibprompt.features import FeatureCache
-    from calibprompt.training import TrainSettings
+    from calibprompt.methods.prompt_training import TrainSettings
 
     device = resolve_device(args.device)
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="calibprompt-bench-"))

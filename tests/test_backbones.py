@@ -17,7 +17,7 @@ from calibprompt.backbones import WeightsError
 from calibprompt.backbones.registry import (
     BACKBONE_KEYS, BACKBONES, SWITCHES, get_entry, list_backbones, load_backbone, resolve_switches,
 )
-from calibprompt.prompts import PromptLearner
+from calibprompt.methods.prompt_learner import PromptLearner
 
 PAPER_MODELS = {"plip", "quiltnet-b32", "biomedclip", "medclip-vit"}
 REQUIRED = {"plip", "quiltnet-b32", "quiltnet-b16", "biomedclip", "medclip-vit", "pubmedclip",

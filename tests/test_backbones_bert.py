@@ -21,7 +21,7 @@ from calibprompt.backbones.open_clip_model import OpenClipBackbone, random_open_
 from calibprompt.backbones.openai_format import UNIMED_TEXT_CFG, unimed_state_dict
 from calibprompt.backbones.random_init import write_bert_text_dir
 from calibprompt.backbones.registry import load_backbone
-from calibprompt.prompts import PromptLearner
+from calibprompt.methods.prompt_learner import PromptLearner
 from tests.conftest import require_shared
 from tests.test_backbones import (  # noqa: F401 - hub_offline is an autouse fixture
     assert_zero_shot_equals_open_clip, hub_offline, injection_errors, n_params,

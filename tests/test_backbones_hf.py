@@ -14,7 +14,7 @@ import torch
 
 from calibprompt.backbones import WeightsError
 from calibprompt.backbones.registry import load_backbone
-from calibprompt.prompts import PromptLearner
+from calibprompt.methods.prompt_learner import PromptLearner
 from tests.conftest import require_shared
 from tests.test_backbones import (  # noqa: F401 - hub_offline is an autouse fixture
     hub_offline, injection_errors, n_params, probe_images, zero_shot_logits,

@@ -17,7 +17,7 @@ from calibprompt.backbones import WeightsError
 from calibprompt.backbones.open_clip_model import random_open_clip_backbone
 from calibprompt.backbones.openai_format import load_openai, openai_state_dict
 from calibprompt.backbones.registry import load_backbone
-from calibprompt.prompts import PromptLearner
+from calibprompt.methods.prompt_learner import PromptLearner
 from tests.conftest import require_shared
 from tests.test_backbones import (  # noqa: F401 - hub_offline is an autouse fixture
     assert_zero_shot_equals_open_clip, hub_offline, injection_errors, n_params, probe_images,

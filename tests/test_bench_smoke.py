@@ -84,8 +84,8 @@ def test_batched_trainer_equals_sequential(tiny_bert):
     in chunks, per-configuration seeds and learning rates."""
     from calibprompt.backbones.open_clip_model import OpenClipBackbone
     from calibprompt.losses import build_objective
-    from calibprompt.prompts import PromptLearner
-    from calibprompt.training import TrainSettings, batched_text_features, train_prompts, train_prompts_batched
+    from calibprompt.methods.prompt_learner import PromptLearner
+    from calibprompt.methods.prompt_training import TrainSettings, batched_text_features, train_prompts, train_prompts_batched
 
     backbone = OpenClipBackbone.from_dir(tiny_bert[0], text_dir=str(tiny_bert[1]))
     gen = torch.Generator().manual_seed(0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.special import softmax
 
-from calibprompt.calibrators import CALIBRATORS, get_calibrator, load_calibrator
+from calibprompt.calibration import CALIBRATORS, get_calibrator, load_calibrator
 from tests.conftest import require_shared
 
 

@@ -128,7 +128,7 @@ def test_ray_executor_gives_identical_results(setup, local_sweep, ray_instance):
 
 def test_ray_tuning_trials_match_local_validation(setup, ray_instance, tmp_path):
     from calibprompt.experiments.tune import run_tune
-    from calibprompt.experiments.validation import validation_metrics
+    from calibprompt.engine.validation import validation_metrics
 
     grid = Grid.load(setup["grid"]).override(["val_shots=2"], seeds=[1], only={"dataset": ["breast"]})
     tuned = run_tune(grid, tmp_path / "tune", trials=2, executor="ray", log=None,
@@ -145,7 +145,7 @@ class _Crash(BaseException):
 
 
 def test_resume_after_a_crash_mid_grid(setup, local_sweep, monkeypatch):
-    import calibprompt.training as training
+    import calibprompt.methods.coop as training
 
     grid = Grid.load(setup["grid"]).override(only={"dataset": ["breast"]})
     specs = grid.expand()

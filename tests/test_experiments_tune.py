@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from calibprompt.config import load_config
 from calibprompt.experiments import Grid
-from calibprompt.experiments.validation import FitView, TestSplitAccess, fit_view, validation_metrics
+from calibprompt.engine.validation import FitView, TestSplitAccess, fit_view, validation_metrics
 from tests.conftest import require_shared
 from tests.tiny_models import tiny_model_dir
 
@@ -43,13 +43,13 @@ def _cfg(setup, **extra):
 
 
 def test_validation_trainer_learns_exactly_what_run_learns(setup, tmp_path):
-    from calibprompt.run import run
+    from calibprompt.engine.run import run
 
     cfg = _cfg(setup)
-    scored = validation_metrics(cfg, return_ctx=True)
+    scored = validation_metrics(cfg, return_head=True)
     result = run(cfg, tmp_path / "run", quiet=True)
     assert scored["config_hash"] == result["config_hash"]
-    assert torch.equal(scored["ctx"], load_file(str(tmp_path / "run" / "prompt.safetensors"))["ctx"])
+    assert torch.equal(scored["head"].weight, load_file(str(tmp_path / "run" / "head.safetensors"))["weight"])
     assert scored["n_val"] == 4 and scored["n_train"] == 4 and result["n_val"] == 4
     assert set(scored["metrics"]) >= {"accuracy", "ece", "nll", "brier"}
 
@@ -73,7 +73,7 @@ def test_fit_view_refuses_test_images(setup):
 
 
 def test_short_study_improves_validation_objective_without_touching_test(setup, tmp_path, monkeypatch, capsys):
-    import calibprompt.run
+    import calibprompt.engine.run
     from calibprompt.cli import main
     from calibprompt.data.base import ImageDataset
 
@@ -88,7 +88,7 @@ def test_short_study_improves_validation_objective_without_touching_test(setup, 
         raise AssertionError("tuning must not call run(), which evaluates on the test split")
 
     monkeypatch.setattr(ImageDataset, "load", spy)
-    monkeypatch.setattr(calibprompt.run, "run", no_run)
+    monkeypatch.setattr(calibprompt.engine.run, "run", no_run)
     out = tmp_path / "tune"
     assert main(["tune", str(setup["grid"]), "--out", str(out), "--trials", "4", "--range", "alpha=0.05:0.3",
                  "--cache-dir", str(tmp_path / "cache"), "--quiet"]) == 0  # a fresh cache: every image is read

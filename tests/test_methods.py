@@ -107,13 +107,13 @@ def test_preset_parameters_reach_the_losses():
     }  # fmt: skip
 
 
-def test_zeroshot_and_zero_shot_needs():
+def test_zeroshot_and_method_kinds():
     zs = resolve_method("zeroshot")
-    assert not zs.trains and zs.losses == [] and zs.needs_zero_shot
-    for name in ("coop-zsnorm", "coop-ce-penalty", "kgcoop", "coop-ce-tmm"):
-        assert resolve_method(name).needs_zero_shot, name
-    for name in ("coop-ce", "calibprompt", "coop-otpt"):
-        assert not resolve_method(name).needs_zero_shot, name
+    assert not zs.trains and zs.losses == [] and zs.kind == "zeroshot"
+    for name in ("coop-zsnorm", "coop-ce-penalty", "kgcoop", "coop-ce-tmm", "calibprompt"):
+        assert resolve_method(name).kind == "coop", name
+    for name in ("linear-probe", "zs-lp", "lp++", "clap", "tip-adapter", "tip-adapter-f", "clip-adapter"):
+        assert resolve_method(name).kind == name
 
 
 @pytest.mark.parametrize("suffix", ["ts", "vs", "hb", "iso"])

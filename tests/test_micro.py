@@ -111,7 +111,7 @@ def test_reduced_pretraining_then_prompt_tuning(tiny_micro, tmp_path):
     from calibprompt.data import open_dataset
     from calibprompt.demo import write_splits
     from calibprompt.features import FeatureCache
-    from calibprompt.run import run
+    from calibprompt.engine.run import run
 
     folder, _, data = tiny_micro
     ds = open_dataset(data)
@@ -129,7 +129,7 @@ def test_reduced_pretraining_then_prompt_tuning(tiny_micro, tmp_path):
             })
             # +ts evaluates the CE prompts with a temperature fitted on the validation shots
             ctx = tmp_path / "coop-ce" / "prompt.safetensors" if method == "coop-ce+ts" else None
-            results[method] = run(cfg, tmp_path / method, quiet=True, cache=cache, ctx_from=ctx)["metrics"]
+            results[method] = run(cfg, tmp_path / method, quiet=True, cache=cache, head_from=ctx)["metrics"]
     finally:
         torch.set_num_threads(threads)
     zs, ce, ts = results["zeroshot"], results["coop-ce"], results["coop-ce+ts"]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from calibprompt.backbones.open_clip_model import OpenClipBackbone
-from calibprompt.prompts import PromptLearner
+from calibprompt.methods.prompt_learner import PromptLearner
 from tests.tiny_models import tiny_model_dir
 
 CLASSES = ["lung opacity", "normal"]

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from calibprompt.cli import main
 from calibprompt.config import load_config
 from calibprompt.features import FeatureCache
-from calibprompt.run import RunConflict, run
+from calibprompt.engine.artifacts import RunConflict
+from calibprompt.engine.run import run
 from tests.tiny_models import tiny_model_dir, write_image_folder
 
 EPOCHS = 3

@@ -7,7 +7,7 @@ import math
 import pytest
 
 from calibprompt.config import ConfigError, config_hash, load_config, parse_override
-from calibprompt.training import TrainSettings
+from calibprompt.methods.prompt_training import TrainSettings
 
 
 def test_lr_schedule_matches_dassl_warmup_recount():

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "method": {"name": "calibprompt"},  # preset name plus its parameters (see `calibprompt methods`)
     "losses": None,  # explicit loss list; only with method name "custom"
     "posthoc": None,  # post-hoc calibrator fitted on the validation shots ("ts", "vs", "hb", "iso")
+    "head_from": None,  # a saved head (or CoOp prompt) file to evaluate instead of fitting (set by `eval`)
     "prompt": {"n_ctx": 16, "init": None, "position": "end", "csc": False, "init_std": 0.02},
     "train": {
         "epochs": 50, "batch_size": 16, "lr": 0.002, "momentum": 0.9, "weight_decay": 5e-4,
@@ -78,6 +79,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = yaml_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+        loaded.pop("resolved_method", None)  # derived by resolve(); present in a run's own config.yaml
         merge(cfg, loaded, source=str(path))
     if base:
         merge(cfg, base, source="config")
@@ -125,32 +127,50 @@ def _is_open(prefix: str) -> bool:
 def resolve(cfg: dict) -> dict:
     """Fill in what the config leaves to presets: the method's losses and post-hoc step, and the
     backbone's warm-up lr. The result is what gets hashed and recorded."""
-    from calibprompt.methods import resolve_method
+    from dataclasses import replace
+
+    from calibprompt.methods import posthoc_suffixes, resolve_method
+    from calibprompt.methods.presets import normalise_losses
 
     out = copy.deepcopy(cfg)
     method = dict(out["method"])
     name = method.pop("name", None)
     if not name:
         raise ConfigError("method.name is required, e.g. method: {name: calibprompt, alpha: 0.1}")
-    if name == "custom":
-        if not out.get("losses"):
-            raise ConfigError("method 'custom' needs a `losses:` list of {name, weight, ...} entries")
-        out["resolved_method"] = {"name": "custom", "losses": out["losses"], "posthoc": out["posthoc"],
-                                  "trains": True}
-    else:
-        if out.get("losses"):
-            raise ConfigError("`losses:` is only used with method name 'custom'; remove it or set method.name: custom")
-        spec = resolve_method(name, **method)
-        posthoc = out["posthoc"] or spec.posthoc
-        if out["posthoc"] and spec.posthoc and out["posthoc"] != spec.posthoc:
+    try:
+        if name == "custom":
+            if method:
+                raise ConfigError(f"method 'custom' takes no parameters ({', '.join(method)}); put them in `losses:`")
+            if not out.get("losses"):
+                raise ConfigError("method 'custom' needs a `losses:` list of {name, weight, ...} entries")
+            spec = resolve_method("coop-ce")  # the CoOp prompt learner, with the config's own loss list
+            losses = normalise_losses(out["losses"], "losses")
+            spec = replace(spec, name="custom", losses=losses, description="custom loss list")
+        else:
+            if out.get("losses"):
+                raise ConfigError("`losses:` is only used with method name 'custom'; remove it or set method.name: "
+                                  "custom (feature-space methods take method.losses)")
+            spec = resolve_method(name, **method)
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if out["posthoc"]:
+        if out["posthoc"] not in posthoc_suffixes():
+            raise ConfigError(f"posthoc {out['posthoc']!r} is not a post-hoc calibrator; valid: "
+                              f"{', '.join(posthoc_suffixes())}")
+        if spec.posthoc and out["posthoc"] != spec.posthoc:
             raise ConfigError(f"posthoc {out['posthoc']!r} conflicts with method {name!r} ({spec.posthoc!r})")
-        out["resolved_method"] = {"name": spec.name, "losses": spec.losses, "posthoc": posthoc,
-                                  "trains": spec.trains}
-    if out["resolved_method"]["posthoc"] and int(out["val_shots"]) < 1:
+        spec = replace(spec, posthoc=out["posthoc"])
+    out["resolved_method"] = spec.as_config()
+    if out["resolved_method"]["posthoc"] and int(out["val_shots"]) < 1 and not out.get("split_file"):
         raise ConfigError(
             f"post-hoc calibrator {out['resolved_method']['posthoc']!r} is fitted on validation shots: "
             "set val_shots (e.g. val_shots: 4)"
         )
+    if spec.build().needs_validation() and int(out["val_shots"]) < 1 and not out.get("split_file"):
+        raise ConfigError(f"method {spec.name!r} selects its hyper-parameters on validation shots: set val_shots "
+                          "(e.g. val_shots: 4) or give the parameter explicitly (e.g. method.C for linear-probe)")
     from calibprompt.data import check_data_config
 
     check_data_config(out["data"])  # unknown data keys fail before any model is loaded

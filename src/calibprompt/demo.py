@@ -4,7 +4,7 @@
 2. pretrain the micro Med-VLM when it is missing (:mod:`calibprompt.micro`);
 3. for every seed, one few-shot split (training shots from the downstream pool that pretraining never
    saw, validation shots from the val split, the whole test split for evaluation), then every method
-   through :func:`calibprompt.run.run` with ONE shared feature cache, so each image view is encoded once;
+   through :func:`calibprompt.engine.run.run` with ONE shared feature cache, so each image view is encoded once;
 4. a table (mean +- std over seeds), paired per-seed differences against the reference method (CoOp-CE),
    a Markdown report with reliability diagrams, ``summary.json`` (a list of rows), ``per_seed.csv``.
 
@@ -188,7 +188,7 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     from calibprompt.data import open_dataset
     from calibprompt.features import FeatureCache
     from calibprompt.micro import DEFAULT_SOURCES, PretrainSettings, ensure_model, medmnist_data_cfg, read_meta
-    from calibprompt.run import run
+    from calibprompt.engine.run import run
 
     t_start = time.perf_counter()
     say = Progress(quiet)
@@ -283,7 +283,7 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
                 base_prompt = _base_prompt(entry, methods, results, seed)
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    result = run(run_cfg_full, folder, quiet=True, cache=cache, overwrite=True, ctx_from=base_prompt)
+                    result = run(run_cfg_full, folder, quiet=True, cache=cache, overwrite=True, head_from=base_prompt)
                 for w in caught:
                     text = f"{entry['label']}: {w.message}"
                     if text not in notes:
@@ -326,15 +326,15 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
 
 
 def _base_prompt(entry: dict, methods: list[dict], results: dict, seed: int) -> Path | None:
-    """The prompt file of the method that ``entry`` post-hoc calibrates, when it already ran for ``seed``."""
+    """The head file of the method that ``entry`` post-hoc calibrates, when it already ran for ``seed``."""
     method = dict(entry["method"])
-    name, sep, suffix = str(method.pop("name")).partition("+")
+    name, sep, suffix = str(method.pop("name")).rpartition("+")
     if not sep:
         return None
     for other in methods:
         params = dict(other["method"])
         if params.pop("name") == name and params == method and seed in results.get(other["label"], {}):
-            path = Path(results[other["label"]][seed]["dir"]) / "prompt.safetensors"
+            path = Path(results[other["label"]][seed]["dir"]) / "head.safetensors"
             return path if path.is_file() else None
     return None
 

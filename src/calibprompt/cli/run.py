@@ -7,7 +7,7 @@ import json
 
 def register(sub) -> None:
     for name, helptext in (("train", "tune prompts on a config and evaluate them"),
-                           ("eval", "evaluate zero-shot (method: zeroshot) or saved prompts (--prompt)")):
+                           ("eval", "evaluate zero-shot (method: zeroshot), a saved head (--head) or prompt (--prompt)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", help="run config (YAML)")
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -19,7 +19,8 @@ def register(sub) -> None:
                        help="replace a finished run of a different config in --out")
         p.add_argument("--quiet", action="store_true", help="no progress bars; print only the JSON summary")
         if name == "eval":
-            p.add_argument("--prompt", help="prompt.safetensors of a finished run to evaluate")
+            p.add_argument("--head", help="head.safetensors of a finished run (any method) to evaluate")
+            p.add_argument("--prompt", help="prompt.safetensors of a finished prompt-learning run to evaluate")
         p.set_defaults(func=_run_command)
 
     p = sub.add_parser("methods", help="list method presets")
@@ -29,7 +30,7 @@ def register(sub) -> None:
 
 def _run_command(args) -> int:
     from calibprompt.config import load_config
-    from calibprompt.run import run
+    from calibprompt.engine.run import run
 
     overrides = list(args.overrides)
     if args.split:
@@ -37,10 +38,10 @@ def _run_command(args) -> int:
     if args.device:
         overrides.append(f"device={args.device}")
     cfg = load_config(args.config, overrides)
-    ctx_from = getattr(args, "prompt", None)
-    if args.command == "eval" and ctx_from is None and cfg["method"].get("name") != "zeroshot":
-        raise ValueError("eval needs --prompt FILE, or a config with method: zeroshot")
-    result = run(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, ctx_from=ctx_from)
+    head_from = getattr(args, "head", None) or getattr(args, "prompt", None)
+    if args.command == "eval" and head_from is None and cfg["method"].get("name") != "zeroshot":
+        raise ValueError("eval needs --head FILE (or --prompt FILE), or a config with method: zeroshot")
+    result = run(cfg, args.out, quiet=args.quiet, overwrite=args.overwrite, head_from=head_from)
     summary = {k: result["metrics"][k] for k in ("accuracy", "ece", "mce", "ace", "nll", "brier")}
     if args.quiet:
         print(json.dumps({"run_id": result["run_id"], "out": args.out, **summary}))
@@ -59,7 +60,15 @@ def _methods(args) -> int:
     if args.json:
         print(json.dumps(methods, indent=2))
         return 0
+    from calibprompt.methods import posthoc_suffixes
+
     width = max(len(m["name"]) for m in methods)
-    for m in methods:
-        print(f"{m['name']:<{width}}  {m['description']}")
+    for family in ("zero-shot", "prompt", "feature"):
+        print({"zero-shot": "Zero-shot", "prompt": "Prompt learning (CoOp + a loss list)",
+               "feature": "Feature-space (heads on frozen image features; method.losses takes a loss list)"}[family])
+        for m in methods:
+            if m["family"] == family:
+                print(f"  {m['name']:<{width}}  {m['description']}")
+    print("Any name may end in " + ", ".join("+" + s for s in posthoc_suffixes())
+          + " to add that post-hoc calibrator, fitted on the validation shots (needs val_shots).")
     return 0

@@ -31,7 +31,7 @@ from calibprompt.experiments.grid import Grid, RunSpec
 from calibprompt.experiments.store import ResultStore, default_url, public_url
 from calibprompt.experiments.tasks import execute_run
 from calibprompt.features import FeatureCache
-from calibprompt.run import RESULT_FILE, finished_result
+from calibprompt.engine.artifacts import RESULT_FILE, finished_result
 from calibprompt.settings import atomic_write_bytes, atomic_write_json
 
 SWEEP_FILE = "sweep.json"

@@ -35,7 +35,7 @@ def _slot(payload: dict, cfg: dict) -> dict:
 def execute_run(payload: dict) -> dict[str, Any]:
     """One sweep run. ``ship``: run in a temporary folder and return the files' bytes (the driver
     writes them, ``metrics.json`` last); else write straight into ``run_dir``."""
-    from calibprompt.run import run
+    from calibprompt.engine.run import run
 
     cfg = _slot(payload, payload["config"])
     cache = shared_cache(payload.get("cache_root"))
@@ -50,7 +50,7 @@ def execute_run(payload: dict) -> dict[str, Any]:
 
 def evaluate_trial(payload: dict) -> dict[str, Any]:
     """One tuning trial: validation metrics of each config (one per seed). Never sees the test split."""
-    from calibprompt.experiments.validation import validation_metrics
+    from calibprompt.engine.validation import validation_metrics
 
     cache = shared_cache(payload.get("cache_root"))
     out = []

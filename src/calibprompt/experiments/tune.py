@@ -38,7 +38,7 @@ from calibprompt.experiments.executors import make_executor
 from calibprompt.experiments.grid import TUNED_FORMAT, Grid, GridError, _nested, method_params
 from calibprompt.experiments.sweep import feature_cache_root, folder_lock
 from calibprompt.experiments.tasks import evaluate_trial
-from calibprompt.experiments.validation import check_tunable
+from calibprompt.engine.validation import check_tunable
 from calibprompt.settings import atomic_write_text
 
 OBJECTIVES = {

@@ -8,11 +8,10 @@ and accepts ``convention="standard"|"reference"`` (see docs/losses.md).
 from .base import CONVENTIONS, Loss
 from .calibration import class_frequencies, smoothed_frequencies
 from .objective import Objective, build_objective
-from .registry import DEFAULT_WEIGHTS, LOSSES, canonical_name, default_weight, get_loss, list_losses
+from .registry import LOSSES, canonical_name, default_weight, get_loss, list_losses
 
 __all__ = [
     "CONVENTIONS",
-    "DEFAULT_WEIGHTS",
     "LOSSES",
     "Loss",
     "Objective",

@@ -9,7 +9,7 @@ A loss is built once from its parameters and then called every step as
 * ``zs_text_features``: (K, D) frozen class features of the hand-written prompts (detached here).
 
 A loss declares what it needs (``needs``), so the trainer computes only that, and a missing input is an
-error: the official code silently skips or falls back instead (method.md Q17), we never do.
+error: the official code silently skips or falls back instead (docs/parity.md, Q17), we never do.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ class Loss:
     uses_logits: ClassVar[bool] = True  # False for losses on text features only
     #: how the "reference" convention (the official code) departs from "standard"; "" = identical
     reference_note: ClassVar[str] = ""
+    #: weight in an objective when a spec gives none: the official yaml values (docs/parity.md, Q12)
+    default_weight: ClassVar[float] = 1.0
 
     def __init__(self, *, convention: str = "standard", **params: Any) -> None:
         if convention not in CONVENTIONS:
@@ -164,7 +166,7 @@ class Loss:
     def _missing(self, what: str) -> ValueError:
         return ValueError(
             f"loss '{self.name}' needs {what} ({INPUT_DOCS[what]}) but got None. The official code "
-            f"silently skips or falls back here (method.md Q17); calibprompt raises instead. Compute it "
+            f"silently skips or falls back here (docs/parity.md, Q17); calibprompt raises instead. Compute it "
             f"in the trainer (see loss.needs = {sorted(self.needs)}) and pass {what}=..."
         )
 

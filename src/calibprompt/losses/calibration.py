@@ -87,6 +87,7 @@ class MMCE(Loss):
     """
 
     name = "MMCE"
+    default_weight = 2.0
     kind = "calibration"
     formula = "sqrt(weighted MMCE^2 + 1e-10) with Laplacian kernel (width 0.4) on confidences"
     params = (Param("normalisation", None, "choice", choices=("textbook", "reference"), allow_none=True),)

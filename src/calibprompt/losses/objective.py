@@ -1,4 +1,4 @@
-"""A weighted sum of registry losses: L = Σ_n w_n · L_n (method.md §3.2)."""
+"""A weighted sum of registry losses: L = Σ_n w_n · L_n (docs/method.md, "losses")."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .base import Loss
-from .registry import DEFAULT_WEIGHTS, get_loss
+from .registry import get_loss
 
 
 class Objective:
@@ -82,7 +82,7 @@ class Objective:
 def build_objective(specs: Sequence[Mapping[str, Any]], *, convention: str | None = None) -> Objective:
     """Objective from ``[{"name": ..., "weight": w, **params}, ...]``.
 
-    A missing weight is the registry default (DEFAULT_WEIGHTS). ``convention`` applies to every spec
+    A missing weight is the loss's ``default_weight``. ``convention`` applies to every spec
     that does not set its own.
     """
     if isinstance(specs, Mapping) or not isinstance(specs, Sequence):
@@ -95,11 +95,11 @@ def build_objective(specs: Sequence[Mapping[str, Any]], *, convention: str | Non
         if convention is not None:
             params.setdefault("convention", convention)
         loss = get_loss(spec["name"], **params)
-        weight = spec.get("weight", DEFAULT_WEIGHTS[loss.name])
+        weight = spec.get("weight", loss.default_weight)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
             raise ValueError(
                 f"loss '{loss.name}': weight={weight!r} is invalid; it must be a finite number >= 0 "
-                f"(default {DEFAULT_WEIGHTS[loss.name]})"
+                f"(default {loss.default_weight})"
             )
         losses.append(loss)
         weights.append(float(weight))

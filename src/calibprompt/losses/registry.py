@@ -1,4 +1,5 @@
-"""The one registry of train-time losses: names, default weights, lookup.
+"""The one registry of train-time losses: names, lookup, and each loss's metadata read from its class
+(kind, formula, parameters, default weight).
 
 Names follow the official CalibPrompt registry so its configs can be read. Lookup is case-insensitive
 and treats "-" like "_"; the canonical (upper-case) name is what every object reports.
@@ -15,28 +16,6 @@ from .text import TEXT_LOSSES
 
 #: canonical name -> loss class, grouped task / calibration / text
 LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (*TASK_LOSSES, *CALIBRATION_LOSSES, *TEXT_LOSSES)}
-
-#: Default objective weight of each loss: the official yaml values (method.md §3.3, §5, Q12), which
-#: win over the different values hard-coded in the official train.py (DCA 15, MMCE 1, Penalty 10).
-DEFAULT_WEIGHTS: dict[str, float] = {
-    "CE": 1.0,
-    "LS": 1.0,
-    "FL": 1.0,
-    "MBLS": 1.0,
-    "LOGITNORM": 1.0,
-    "ECCV_ZS": 1.0,
-    "SMAC": 1.0,
-    "MDCA": 1.0,
-    "DCA": 1.0,
-    "MMCE": 2.0,
-    "ECCV_PENALTY": 1.0,
-    "MARGIN_MEAN_VAR": 1.0,
-    "AS": 1.0,
-    "TEXT_MOMENT_MATCHING": 5.0,
-    "CTPT_DISPERSION": 1.0,
-    "OTPT_ORTHO": 1.0,
-    "KGCOOP": 1.0,
-}
 
 #: Other spellings accepted on input (normalised: upper case, "-" -> "_").
 ALIASES: dict[str, str] = {
@@ -69,7 +48,7 @@ def get_loss(name: str, **params: Any) -> Loss:
 
 
 def default_weight(name: str) -> float:
-    return DEFAULT_WEIGHTS[canonical_name(name)]
+    return LOSSES[canonical_name(name)].default_weight
 
 
 def list_losses() -> list[dict[str, Any]]:
@@ -84,7 +63,7 @@ def list_losses() -> list[dict[str, Any]]:
                 "needs": sorted(cls.needs),
                 "uses_logits": cls.uses_logits,
                 "params": {p.name: p.default for p in cls.params},
-                "default_weight": DEFAULT_WEIGHTS[name],
+                "default_weight": cls.default_weight,
                 "reference_differs": bool(cls.reference_note),
                 "reference_note": cls.reference_note,
             }

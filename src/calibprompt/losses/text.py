@@ -44,6 +44,7 @@ class TextMomentMatching(Loss):
     """
 
     name = "TEXT_MOMENT_MATCHING"
+    default_weight = 5.0
     kind = "text"
     formula = "||mu_T - mu_T0||^2 + ||Sigma_T - Sigma_T0||_F^2"
     needs = frozenset({"text_features", "zs_text_features"})

@@ -1,14 +1,19 @@
-"""Named method presets: a method name expands into loss specs for ``build_objective`` and an optional
-post-hoc calibrator.
+"""Named method presets: a name expands into a method kind, its loss list and parameters, and an
+optional post-hoc calibrator.
 
 ``resolve_method("calibprompt", alpha=0.05, lambda_as=0.01)`` ->
-``MethodSpec(losses=[{"name": "LS", "weight": 1.0, "alpha": 0.05}, {"name": "SMAC", ...}, {"name": "AS",
-"weight": 0.01}], posthoc=None, trains=True, ...)``. Appending ``+ts`` (``+vs``, ``+hb``, ``+iso``) to
-any name adds that post-hoc calibrator, e.g. ``"coop-ce+ts"``.
+``MethodSpec(kind="coop", losses=[{"name": "LS", "weight": 1.0, "alpha": 0.05}, {"name": "SMAC", ...},
+{"name": "AS", "weight": 0.01}], posthoc=None, ...)``; ``resolve_method("linear-probe", C=1.0)`` ->
+``MethodSpec(kind="linear-probe", losses=[{"name": "CE", ...}], params={"C": 1.0, ...})``. Appending
+``+ts`` (or the name of any other post-hoc calibrator, ``calibprompt methods`` lists them) adds that
+calibrator, fitted on the validation shots, e.g. ``"coop-ce+ts"``.
 
-The paper's per-(backbone, dataset) CalibPrompt hyper-parameters (method.md §5) are ``PAPER_HPARAMS``.
-They were chosen on the test split (Q13): use them to reproduce the paper, tune on validation data for
-new work.
+Feature-space methods take a ``losses`` parameter: any registry losses their head supports, e.g.
+``{name: linear-probe, losses: [CE, {name: SMAC, alpha: 0.1}]}``.
+
+The paper's per-(backbone, dataset) CalibPrompt hyper-parameters (docs/method.md, "hyper-parameters")
+are ``PAPER_HPARAMS``. They were chosen on the test split (docs/parity.md, Q13): use them to reproduce
+the paper, tune on validation data for new work.
 """
 
 from __future__ import annotations
@@ -16,33 +21,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .losses import get_loss
-from .losses.registry import DEFAULT_WEIGHTS
+from calibprompt.losses import get_loss
+from calibprompt.losses.registry import LOSSES
+from calibprompt.methods import clap, clip_adapter, coop, linear_probe, lp_plus_plus, tip_adapter, zeroshot  # noqa: F401
+from calibprompt.methods.base import METHODS, Method
 
-#: post-hoc calibrators a method name may carry as a "+suffix" (names of calibprompt.calibrators)
-POSTHOC_SUFFIXES = ("ts", "vs", "hb", "iso")
+
+def posthoc_suffixes() -> tuple[str, ...]:
+    """Post-hoc calibrators a method name may carry as "+suffix" (those fitted on validation logits)."""
+    from calibprompt.calibration import CALIBRATORS
+
+    return tuple(name for name, cls in CALIBRATORS.items() if cls.as_suffix)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """A resolved method: what to train (``losses``) and what to apply afterwards (``posthoc``).
-
-    ``needs_zero_shot``: the run must compute the frozen zero-shot predictions (hand-written template):
-    zero-shot logits (``zeroshot``, ZS-Norm, Penalty) or zero-shot text features (KgCoOp, moment matching).
-    """
+    """A resolved method: its kind (a registered :class:`Method`), what it minimises (``losses``), its
+    own parameters, and what to apply afterwards (``posthoc``)."""
 
     name: str
+    kind: str
     losses: list[dict[str, Any]]
     posthoc: str | None
     trains: bool
-    needs_zero_shot: bool
     description: str
-    params: dict[str, Any] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)  # the preset's parameters (alpha, lambda_as, C ...)
+    method_params: dict[str, Any] = field(default_factory=dict)  # the Method's own, defaults filled in
+
+    def build(self) -> Method:
+        return METHODS[self.kind](losses=self.losses, **self.method_params)
+
+    def as_config(self) -> dict[str, Any]:
+        """The ``resolved_method`` section of a resolved run config."""
+        return {"name": self.name, "kind": self.kind, "losses": self.losses, "params": self.method_params,
+                "posthoc": self.posthoc, "trains": self.trains}
 
 
 def _term(name: str, weight: float | None = None, **params: Any) -> dict[str, Any]:
     """A loss spec with its weight spelled out (registry default when not given)."""
-    return {"name": name, "weight": float(DEFAULT_WEIGHTS[name] if weight is None else weight), **params}
+    return {"name": name, "weight": float(LOSSES[name].default_weight if weight is None else weight), **params}
 
 
 @dataclass(frozen=True)
@@ -51,12 +68,14 @@ class _Preset:
     params: dict[str, Any]  # name -> default
     build: Callable[..., list[dict[str, Any]]]
     note: str = ""
+    kind: str = "coop"
 
 
 _A, _G, _L = {"alpha": 0.1}, {"gamma": 3.0}, {"lambda_as": 1.0}
 
 PRESETS: dict[str, _Preset] = {
-    "zeroshot": _Preset("no training: frozen backbone with the dataset's hand-written template", {}, lambda: []),
+    "zeroshot": _Preset("no training: frozen backbone with the dataset's hand-written template", {}, lambda: [],
+                        kind="zeroshot"),
     "coop-ce": _Preset("CE", {}, lambda: [_term("CE")]),
     "coop-ls": _Preset("LS(alpha)", _A, lambda alpha: [_term("LS", alpha=alpha)]),
     "coop-fl": _Preset("FL(gamma)", _G, lambda gamma: [_term("FL", gamma=gamma)]),
@@ -98,7 +117,7 @@ PRESETS: dict[str, _Preset] = {
         "LS(alpha) + SMAC(alpha) + lambda_as * AS  (one shared alpha; SMAC weight is always 1)",
         {**_A, **_L},
         lambda alpha, lambda_as: [_term("LS", alpha=alpha), _term("SMAC", alpha=alpha), _term("AS", lambda_as)],
-        note="In class-balanced batches SMAC does not depend on alpha (Q6); alpha then acts through LS only.",
+        note="In class-balanced batches SMAC does not depend on alpha (docs/parity.md, Q6); alpha then acts through LS only.",
     ),
     "calibprompt-ce": _Preset(
         "CE + SMAC(alpha) + lambda_as * AS",
@@ -137,40 +156,46 @@ PRESETS: dict[str, _Preset] = {
         lambda lambda_tmm: [_term("CE"), _term("TEXT_MOMENT_MATCHING", lambda_tmm)],
     ),
     "coop-ce-mmv": _Preset("CE + margin mean-variance", {}, lambda: [_term("CE"), _term("MARGIN_MEAN_VAR")]),
+    "linear-probe-smac": _Preset("linear probe on CE + SMAC(alpha)", _A,
+                                 lambda alpha: [_term("CE"), _term("SMAC", alpha=alpha)], kind="linear-probe"),
 }
+
+for _kind in ("linear-probe", "zs-lp", "lp++", "clap", "tip-adapter", "tip-adapter-f", "clip-adapter"):
+    PRESETS[_kind] = _Preset(METHODS[_kind].formula, {}, lambda: [_term("CE")], kind=_kind)
 
 
 def _split_posthoc(name: str) -> tuple[str, str | None]:
-    base, sep, suffix = name.partition("+")
-    if not sep:
-        return base, None
-    if suffix not in POSTHOC_SUFFIXES:
-        raise ValueError(
-            f"method {name!r}: unknown post-hoc suffix '+{suffix}'; valid suffixes: "
-            f"{', '.join('+' + s for s in POSTHOC_SUFFIXES)}"
-        )
+    base, sep, suffix = name.rpartition("+")  # rightmost: "lp++" is a name, "lp+++ts" is lp++ with ts
+    if name in PRESETS or not sep:
+        return name, None
+    valid = posthoc_suffixes()
+    if suffix not in valid:
+        raise ValueError(f"method {name!r}: unknown post-hoc suffix '+{suffix}'; valid suffixes: "
+                         f"{', '.join('+' + s for s in valid)}")
     return base, suffix
 
 
 def resolve_method(name: str, **params: Any) -> MethodSpec:
-    """Expand a method preset (optionally with a "+ts"/"+vs"/"+hb"/"+iso" suffix) into a MethodSpec.
+    """Expand a method preset (optionally with a post-hoc "+suffix") into a MethodSpec.
 
-    Unknown methods, unknown parameters and invalid values raise ValueError naming the valid ones.
-    """
+    Unknown methods, unknown parameters, losses the method's head cannot take and invalid values raise
+    ValueError naming the valid ones."""
     if not isinstance(name, str):
         raise ValueError(f"a method name must be a string, got {name!r}")
-    key = name.strip().lower()
-    base, posthoc = _split_posthoc(key)
+    base, posthoc = _split_posthoc(name.strip().lower())
     if base not in PRESETS:
-        raise ValueError(
-            f"unknown method {name!r}; valid methods: {', '.join(PRESETS)} "
-            f"(each may end in {', '.join('+' + s for s in POSTHOC_SUFFIXES)})"
-        )
+        raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(PRESETS)} "
+                         f"(each may end in {', '.join('+' + s for s in posthoc_suffixes())})")
     preset = PRESETS[base]
-    unknown = sorted(set(params) - set(preset.params))
+    cls = METHODS[preset.kind]
+    takes_loss_list = cls.takes_losses and preset.kind != "coop"
+    explicit_losses = params.pop("losses", None)
+    own = {k: params.pop(k) for k in list(params) if k in cls.params and k not in preset.params}
+    unknown = sorted(params.keys() - preset.params.keys())
     if unknown:
-        valid = ", ".join(f"{k} (default {v!r})" for k, v in preset.params.items()) or "none"
-        raise ValueError(f"method '{base}' has no parameter {', '.join(map(repr, unknown))}; valid parameters: {valid}")
+        valid = {**preset.params, **cls.params, **({"losses": ["CE"]} if takes_loss_list else {})}
+        listed = ", ".join(f"{k} (default {v!r})" for k, v in valid.items()) or "none"
+        raise ValueError(f"method '{base}' has no parameter {', '.join(map(repr, unknown))}; valid parameters: {listed}")
     resolved = {**preset.params, **params}
     for k, default in preset.params.items():
         # weights are plain numbers; the losses validate their own parameters below
@@ -178,42 +203,64 @@ def resolve_method(name: str, **params: Any) -> MethodSpec:
             isinstance(resolved[k], bool) or not isinstance(resolved[k], (int, float)) or resolved[k] < 0
         ):
             raise ValueError(f"method '{base}': {k}={resolved[k]!r} is invalid; it must be a number >= 0 (default {default})")
-    losses = preset.build(**resolved)
-    needs: set[str] = set()
+    if explicit_losses is not None:
+        if not takes_loss_list:
+            hint = ("; for prompt learning with your own loss list use method: custom and a top-level `losses:` list"
+                    if preset.kind == "coop" else "")
+            raise ValueError(f"method '{base}' takes no 'losses' parameter{hint}")
+        losses = normalise_losses(explicit_losses, f"method '{base}'")
+    else:
+        losses = preset.build(**resolved) if cls.takes_losses else []
     for spec in losses:
         try:
             loss = get_loss(spec["name"], **{k: v for k, v in spec.items() if k not in ("name", "weight")})
         except ValueError as err:
             raise ValueError(f"method '{base}' with {resolved}: {err}") from None
-        needs |= loss.needs
-    values = ", ".join(f"{k}={v!r}" for k, v in resolved.items())
-    description = f"{preset.formula}" + (f"  [{values}]" if values else "")
+        missing = set(loss.needs) - set(cls.loss_inputs)
+        if missing:
+            raise ValueError(f"method '{base}': loss {loss.name} needs {', '.join(sorted(missing))}, which a "
+                             f"{cls.name} head does not provide; losses on logits alone (CE, LS, FL, SMAC, MDCA, ...) "
+                             "work with every trained head")
+    method = cls(losses=losses, **own)
+    values = ", ".join(f"{k}={v!r}" for k, v in {**resolved, **own}.items())
+    description = preset.formula + (f"  [{values}]" if values else "")
     if preset.note:
         description += f". {preset.note}"
     if posthoc:
         description += f"; then post-hoc '{posthoc}' fitted on validation logits"
-    return MethodSpec(
-        name=base + (f"+{posthoc}" if posthoc else ""),
-        losses=losses,
-        posthoc=posthoc,
-        trains=bool(losses),
-        needs_zero_shot=base == "zeroshot" or bool(needs & {"zs_logits", "zs_text_features"}),
-        description=description,
-        params=resolved,
-    )
+    return MethodSpec(name=base + (f"+{posthoc}" if posthoc else ""), kind=preset.kind, losses=losses,
+                      posthoc=posthoc, trains=cls.trains, description=description, params={**resolved, **own},
+                      method_params=method.hparams)
+
+
+def normalise_losses(losses: Any, where: str) -> list[dict[str, Any]]:
+    """A loss list as specs: names become ``{"name": NAME}``; weights default to the registry's."""
+    if isinstance(losses, (str, dict)) or not isinstance(losses, (list, tuple)) or not losses:
+        raise ValueError(f"{where}: losses must be a non-empty list of loss names or {{name, weight, ...}} mappings")
+    out = []
+    for i, item in enumerate(losses):
+        spec = {"name": item} if isinstance(item, str) else dict(item) if isinstance(item, dict) else None
+        if spec is None or "name" not in spec:
+            raise ValueError(f"{where}: loss #{i} must be a name or a mapping with a 'name' key, got {item!r}")
+        canonical = get_loss(str(spec.pop("name")), **{k: v for k, v in spec.items() if k != "weight"}).name
+        out.append(_term(canonical, spec.pop("weight", None), **spec))
+    return out
 
 
 def list_methods() -> list[dict[str, Any]]:
-    """One record per preset: name, description (formula), params with defaults."""
-    return [
-        {"name": name, "description": p.formula + (f". {p.note}" if p.note else ""), "params": dict(p.params)}
-        for name, p in PRESETS.items()
-    ]
+    """One record per preset: name, kind, family, description (formula), params with defaults."""
+    out = []
+    for name, p in PRESETS.items():
+        cls = METHODS[p.kind]
+        out.append({"name": name, "kind": p.kind, "family": cls.family,
+                    "description": p.formula + (f". {p.note}" if p.note else ""),
+                    "params": {**p.params, **cls.params}, "reference": cls.reference})
+    return out
 
 
 # --------------------------------------------------------------------- paper hyper-parameters
-#: (backbone, dataset) -> (alpha, lambda_as) of CalibPrompt in the paper (method.md §5). Chosen on the
-#: test split (Q13).
+#: (backbone, dataset) -> (alpha, lambda_as) of CalibPrompt in the paper (docs/method.md, "hyper-parameters"). Chosen on the
+#: test split (docs/parity.md, Q13).
 PAPER_HPARAMS: dict[tuple[str, str], tuple[float, float]] = {
     ("medclip-vit", "covid"): (0.2, 1.0),
     ("medclip-vit", "rsna18"): (0.2, 1.0),
@@ -251,7 +298,8 @@ def paper_method(backbone: str, dataset: str) -> MethodSpec:
 __all__ = [
     "MethodSpec",
     "PAPER_HPARAMS",
-    "POSTHOC_SUFFIXES",
+    "normalise_losses",
+    "posthoc_suffixes",
     "list_methods",
     "paper_hparams",
     "paper_method",

@@ -1,4 +1,4 @@
-"""Train a config's prompts exactly as ``calibprompt.run.run`` does and score them on the validation
+"""Fit a config's method exactly as ``calibprompt.engine.run.run`` does and score it on the validation
 shots only. This is what tuning optimises; the test split cannot reach it:
 
 * the few-shot split is made, and only its ``train`` and ``val`` parts are kept, inside a
@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from calibprompt.config import config_hash, resolve
+from calibprompt.engine import pipeline
 from calibprompt.features import FeatureCache
 
 
@@ -61,14 +61,7 @@ class FitView:
 
 def fit_view(resolved: dict) -> FitView:
     """Open the dataset of a resolved config, make its split and keep only the train and val parts."""
-    from calibprompt.data import FewShotSplit, make_split, open_dataset
-
-    dataset = open_dataset(resolved["data"])
-    if resolved.get("split_file"):
-        split = FewShotSplit.from_json(resolved["split_file"], dataset)
-    else:
-        split = make_split(dataset, shots=int(resolved["shots"]), seed=int(resolved["seed"]),
-                           val_shots=int(resolved["val_shots"]))
+    dataset, split = pipeline.open_split(resolved)
     return FitView(dataset, split.samples_for("train"), split.samples_for("val"))
 
 
@@ -84,51 +77,32 @@ def check_tunable(resolved: dict) -> None:
                          "so they cannot also score it; tune the method without the '+' suffix")
 
 
-def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_ctx: bool = False) -> dict[str, Any]:
-    """Train ``cfg`` (same steps, seed and data as ``run``) and return its metrics on the validation
-    shots: ``{"metrics": {...}, "n_train", "n_val", "config_hash"}`` (+ ``"ctx"`` on request)."""
-    from calibprompt.backbones import load_backbone
-    from calibprompt.losses import build_objective
+def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_head: bool = False) -> dict[str, Any]:
+    """Fit ``cfg`` (the same stages, seed and data as ``run``) and return its metrics on the validation
+    shots: ``{"metrics": {...}, "n_train", "n_val", "config_hash", "seed"}`` (+ ``"head"``
+    on request). The loaded backbone is
+    reused across calls (``pipeline.loaded_backbone``)."""
     from calibprompt.metrics import calibration_metrics
-    from calibprompt.prompts import PromptLearner
-    from calibprompt.run import augment_views, resolve_device
-    from calibprompt.training import TrainSettings, predict_logits, train_prompts, zero_shot_text_features
 
     resolved = resolve(cfg)
     check_tunable(resolved)
-    seed = int(resolved["seed"])
-    torch.manual_seed(seed)
-    device = resolve_device(resolved["device"])
+    device = pipeline.resolve_device(resolved["device"])
     view = fit_view(resolved)
     if not view.val:
         raise ValueError("the split has no validation shots (set val_shots >= 1)")
-    backbone = load_backbone(resolved["backbone"]).to(device)
+    backbone = pipeline.loaded_backbone(resolved["backbone"], device)
     cache = cache or FeatureCache(resolved.get("cache_dir"))
-    method = resolved["resolved_method"]
-    tr = resolved["train"]
-    p = resolved["prompt"]
-
-    (val_feats,), views = cache.run_features(backbone, view, [view.val], view.train, n_views=augment_views(tr),
-                                             aug_seed=int(tr["aug_seed"]))
-    val_feats = val_feats.to(device)
-    scale = backbone.logit_scale.float()
-    zs_text = zero_shot_text_features(backbone, view.classnames, view.template)
-    gen = torch.Generator().manual_seed(seed)
-    learner = PromptLearner(backbone, view.classnames, n_ctx=int(p["n_ctx"]), init=p["init"],
-                            position=p["position"], csc=bool(p["csc"]), init_std=float(p["init_std"]),
-                            generator=gen).to(device)
-    objective = build_objective(method["losses"])
-    settings = TrainSettings(**{k: tr[k] for k in TrainSettings.__dataclass_fields__})
-    labels = torch.tensor([s.label for s in view.train])
-    train_prompts(backbone, learner, objective, views, labels, settings, seed, zs_text_features=zs_text)
-    with torch.no_grad():
-        text = learner.text_features(backbone)
-    logits = predict_logits(val_feats, text, scale, int(resolved["eval"]["batch_size"])).cpu()
+    method = pipeline.build_method(resolved)
+    feats = pipeline.encode(cache, backbone, view, method, resolved, [view.val], view.train, True, False)
+    (val_feats,) = feats.evals
+    # The method sees no validation shots here: they are what it is scored on.
+    fitted = pipeline.fit(method, backbone, view, resolved, view.train, feats.train_views, None, device)
+    logits = pipeline.logits(fitted.head.to(device), val_feats, None, int(resolved["eval"]["batch_size"]))
     val_labels = np.array([s.label for s in view.val])
     metrics = calibration_metrics(logits.double().numpy(), val_labels, n_bins=int(resolved["eval"]["n_bins"]),
                                   convention="standard")
     out = {"metrics": metrics, "n_train": len(view.train), "n_val": len(view.val),
-           "config_hash": config_hash(resolved), "seed": seed}
-    if return_ctx:
-        out["ctx"] = learner.ctx.detach().cpu().clone()
+           "config_hash": config_hash(resolved), "seed": int(resolved["seed"])}
+    if return_head:
+        out["head"] = fitted.head.cpu()
     return out

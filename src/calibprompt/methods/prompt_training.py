@@ -6,7 +6,7 @@ Per step only the text encoder runs: the K class prompts are assembled from the 
 ``train_prompts_batched`` trains several configurations at once (one text-encoder pass per step over all
 their prompts), each ending where ``train_prompts`` would; see docs/performance.md.
 
-Protocol defaults (paper, method.md §4): 50 epochs, batch 16 with ``drop_last`` when the training set
+Protocol defaults (paper; docs/method.md, "training protocol"): 50 epochs, batch 16 with ``drop_last`` when the training set
 has >= 16 images, SGD lr 0.002 momentum 0.9 weight decay 5e-4, one constant warm-up epoch at 1e-5, then
 cosine decay stepped once per epoch: epoch k >= 1 uses lr/2 * (1 + cos(pi (k-1) / epochs)).
 """
@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from calibprompt.backbones.base import Backbone
-from calibprompt.prompts import PromptLearner
+from calibprompt.methods.prompt_learner import PromptLearner
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -275,24 +275,3 @@ def batched_text_features(backbone: Backbone, learners: Sequence[PromptLearner],
         ids = torch.cat([learner._pooling_ids(ids) for learner, (_, ids) in zip(chunk, pieces)])
         out.append(F.normalize(backbone.encode_embeddings(embeddings, ids).float(), dim=-1).view(len(chunk), k, -1))
     return torch.cat(out)
-
-
-@torch.no_grad()
-def predict_logits(features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
-                   batch_size: int = 100) -> torch.Tensor:
-    """Logits of cached features in batches (test batch 100 as in the paper)."""
-    text_features = text_features.to(features.device)
-    return torch.cat([class_logits(features[i : i + batch_size], text_features, scale.to(features.device).float())
-                      for i in range(0, features.shape[0], batch_size)])
-
-
-@torch.no_grad()
-def zero_shot_text_features(backbone: Backbone, classnames: list[str], template: str) -> torch.Tensor:
-    """Normalised (K, E) features of the hand-written prompts ``template.format(classname)``."""
-    ids = backbone.tokenize([template.format(c.replace("_", " ")) for c in classnames])
-    device = next(backbone.parameters()).device
-    return F.normalize(backbone.encode_text(ids.to(device)).float(), dim=-1)
-
-
-def settings_dict(settings: TrainSettings) -> dict:
-    return asdict(settings)

@@ -1,0 +1,201 @@
+"""Post-hoc calibrators fitted on validation logits (sklearn-like: ``fit`` / ``transform``).
+
+| name   | what                                                   | keeps argmax (accuracy)? |
+|--------|--------------------------------------------------------|--------------------------|
+| ts     | temperature scaling: z / T, T by NLL (float64)         | yes (T > 0)              |
+| zs-ts  | temperature fitted on one dataset, saved, reused       | yes                      |
+| vs     | vector scaling: w ⊙ z + b per class, by NLL            | no (the bias can flip)   |
+| hb     | histogram binning (top-label or one-vs-rest)           | no                       |
+| iso    | isotonic regression one-vs-rest, then renormalised     | no                       |
+
+``transform`` returns logits: scaled logits for ts/zs-ts/vs, log-probabilities for hb/iso, so that
+softmax of the output is the calibrated probability in every case. Inputs may be numpy arrays or torch
+tensors; the output is float64 of the same kind (a torch output lives on the input's device).
+Every fitted calibrator can be saved to JSON (``save``) and restored (``load_calibrator``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+from scipy.special import logsumexp, softmax
+
+from calibprompt.settings import atomic_write_json
+
+
+
+# --------------------------------------------------------------------------- input handling
+def _to_numpy(x: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch here
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x)
+
+
+def _like(out: np.ndarray, like: Any) -> Any:
+    """``out`` as the same kind of array as the input ``like`` (torch stays torch, on its device)."""
+    if hasattr(like, "detach"):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(out)).to(like.device)
+    return out
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(logsumexp(logits, axis=1) - logits[np.arange(len(labels)), labels]))
+
+
+class Calibrator:
+    """Base class: input validation, fit/transform plumbing, JSON save and load."""
+
+    name: ClassVar[str] = ""
+    preserves_argmax: ClassVar[bool] = False
+    min_samples: ClassVar[int] = 10
+    check_num_classes: ClassVar[bool] = True
+    #: may follow a method name as "+name" (fitted on the run's validation shots)
+    as_suffix: ClassVar[bool] = True
+
+    def __init__(self) -> None:
+        self.num_classes: int | None = None
+        self.n_fit: int = 0
+
+    # -------------------------------------------------------------- public API
+    def fit(self, val_logits: Any, val_labels: Any) -> "Calibrator":
+        logits = self._logits(val_logits, "fit")
+        labels = self._labels(val_labels, logits.shape, "fit")
+        needed = self._min_samples(logits.shape[1])
+        if len(labels) < needed:
+            raise ValueError(
+                f"{self.name}.fit: got {len(labels)} validation samples; at least {needed} are needed. "
+                f"Hold out more validation data (e.g. more val shots per class)."
+            )
+        self.num_classes = logits.shape[1]
+        self.n_fit = len(labels)
+        self._fit(logits, labels)
+        return self
+
+    def transform(self, logits: Any) -> Any:
+        if self.num_classes is None:
+            raise ValueError(f"{self.name}: call fit(val_logits, val_labels) (or load a saved one) before transform")
+        z = self._logits(logits, "transform")
+        if self.check_num_classes and z.shape[1] != self.num_classes:
+            raise ValueError(
+                f"{self.name}.transform: fitted on K={self.num_classes} classes, got logits with {z.shape[1]} columns"
+            )
+        return _like(self._transform(z), logits)
+
+    def fit_transform(self, val_logits: Any, val_labels: Any) -> Any:
+        return self.fit(val_logits, val_labels).transform(val_logits)
+
+    def predict_proba(self, logits: Any) -> np.ndarray:
+        """Calibrated probabilities (numpy float64)."""
+        return softmax(_to_numpy(self.transform(logits)), axis=1)
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters."""
+        return {k: getattr(self, k) for k in inspect.signature(type(self).__init__).parameters if k != "self"}
+
+    def fitted_params(self) -> dict[str, Any]:
+        """What was learned, JSON-serialisable (enough to restore the calibrator)."""
+        if self.num_classes is None:
+            raise ValueError(f"{self.name}: not fitted yet")
+        return {"num_classes": self.num_classes, "n_fit": self.n_fit, **self._fitted()}
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, {"calibrator": self.name, "params": self.get_params(), "fitted": self.fitted_params()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibrator":
+        cal = load_calibrator(path)
+        if not isinstance(cal, cls):
+            raise ValueError(f"{path} holds a '{cal.name}' calibrator, not '{cls.name}'")
+        return cal
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        state = "fitted" if self.num_classes is not None else "not fitted"
+        return f"{type(self).__name__}({args}) [{state}]"
+
+    # -------------------------------------------------------------- subclass hooks
+    def _min_samples(self, k: int) -> int:
+        return self.min_samples
+
+    def _fit(self, logits: np.ndarray, labels: np.ndarray) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _transform(self, logits: np.ndarray) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _fitted(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _restore(self, fitted: dict[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # -------------------------------------------------------------- validation
+    def _logits(self, x: Any, where: str) -> np.ndarray:
+        z = _to_numpy(x).astype(np.float64, copy=False)
+        if z.ndim != 2 or z.shape[1] < 2 or z.shape[0] == 0:
+            raise ValueError(f"{self.name}.{where}: logits must have shape (N, K) with N >= 1, K >= 2; got {z.shape}")
+        if not np.all(np.isfinite(z)):
+            raise ValueError(f"{self.name}.{where}: logits contain NaN or infinite values")
+        return z
+
+    def _labels(self, y: Any, shape: tuple[int, int], where: str) -> np.ndarray:
+        y = _to_numpy(y)
+        if y.ndim == 2 and y.shape[1] == 1:  # MedMNIST stores labels as (N, 1)
+            y = y[:, 0]
+        if y.shape != (shape[0],):
+            raise ValueError(f"{self.name}.{where}: labels must have shape ({shape[0]},), got {y.shape}")
+        if y.size and not np.all(np.equal(np.mod(y, 1), 0)):
+            raise ValueError(f"{self.name}.{where}: labels must be integers")
+        y = y.astype(np.int64)
+        if y.size and (y.min() < 0 or y.max() >= shape[1]):
+            raise ValueError(f"{self.name}.{where}: labels must lie in [0, {shape[1] - 1}], got [{y.min()}, {y.max()}]")
+        return y
+
+
+# --------------------------------------------------------------------------- registry
+CALIBRATORS: dict[str, type[Calibrator]] = {}
+
+
+def register_calibrator(cls: type[Calibrator]) -> type[Calibrator]:
+    """Class decorator: add a Calibrator subclass to the registry under ``cls.name``."""
+    if not cls.name or cls.name in CALIBRATORS:
+        raise ValueError(f"calibrator class {cls.__name__} needs a unique name (got {cls.name!r})")
+    CALIBRATORS[cls.name] = cls
+    return cls
+
+
+def get_calibrator(name: str, **params: Any) -> Calibrator:
+    """A new, unfitted calibrator. Unknown names or parameters raise ValueError naming the valid ones."""
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in CALIBRATORS:
+        raise ValueError(f"unknown calibrator {name!r}; valid names: {', '.join(CALIBRATORS)}")
+    cls = CALIBRATORS[key]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ValueError(
+            f"calibrator '{key}' has no parameter {', '.join(map(repr, unknown))}; "
+            f"valid parameters: {', '.join(valid) or 'none'}"
+        )
+    return cls(**params)
+
+
+def load_calibrator(path: str | Path) -> Calibrator:
+    """A fitted calibrator restored from a JSON file written by ``Calibrator.save``."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        cal = get_calibrator(data["calibrator"], **data.get("params", {}))
+        fitted = data["fitted"]
+        cal.num_classes, cal.n_fit = int(fitted["num_classes"]), int(fitted.get("n_fit", 0))
+        cal._restore(fitted)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a saved calibrator file (missing or malformed {err})") from None
+    return cal
+
+

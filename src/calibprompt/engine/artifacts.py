@@ -1,0 +1,82 @@
+"""The run folder: what a finished run leaves behind and how a finished run is recognised.
+
+    config.yaml          resolved config
+    split.json           the few-shot split (reusable with --split / split_file)
+    head.safetensors     the fitted classifier head (any method; ``calibprompt eval --head``)
+    prompt.safetensors   learned context vectors (prompt-learning methods)
+    predictions.csv      per test sample: ref, label, prediction, class probabilities
+    reliability.png/json reliability diagram and its data
+    metrics.json         metrics (standard and reference conventions), resolved config, hash,
+                         versions, seed, timings; written last, so its presence marks the run finished
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from calibprompt import __version__
+from calibprompt.settings import atomic_write_text
+
+RESULT_FILE = "metrics.json"
+
+
+class RunConflict(ValueError):
+    """The output folder holds a finished run of a different configuration."""
+
+
+def finished_result(out_dir: str | Path, run_hash: str | None = None) -> dict | None:
+    """The finished result in ``out_dir`` (if its hash matches ``run_hash``), else None."""
+    path = Path(out_dir) / RESULT_FILE
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # never treat an unreadable result as done
+    if result.get("status") != "done":
+        return None
+    if run_hash is not None and result.get("config_hash") != run_hash:
+        return None
+    return result
+
+
+def predictions_csv(samples, logits: torch.Tensor) -> str:
+    """Per sample: ref, label, predicted class and the class probabilities (softmax in float64)."""
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["ref", "label", "prediction", *[f"prob_{k}" for k in range(probs.shape[1])]])
+    for sample, row in zip(samples, probs):
+        writer.writerow([sample.ref, sample.label, int(row.argmax()), *[f"{p:.8g}" for p in row]])
+    return buffer.getvalue()
+
+
+def write_predictions(path: Path, samples, logits: torch.Tensor) -> None:
+    atomic_write_text(path, predictions_csv(samples, logits))
+
+
+def backbone_record(backbone) -> dict:
+    return {"fingerprint": backbone.fingerprint(), **asdict(backbone.info)}
+
+
+def versions(device: torch.device) -> dict:
+    import importlib.metadata as md
+
+    out = {"calibprompt": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    for pkg in ("torch", "torchvision", "open_clip_torch", "transformers", "timm", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    out["device"] = str(device)
+    if device.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(device)
+        out["cuda"] = torch.version.cuda
+    return out

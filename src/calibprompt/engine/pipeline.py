@@ -1,0 +1,164 @@
+"""The stages of a run, written once: split -> backbone -> features -> method.fit -> post-hoc -> logits.
+
+``calibprompt.engine.run.run`` chains them and writes the run folder; ``engine.validation`` chains the
+same stages with the validation shots as the evaluated set (tuning); the benchmark and the demo call
+them too. Each stage is a function of the resolved config and what earlier stages returned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from calibprompt.features import FeatureCache
+from calibprompt.methods import FitContext, FitResult, Method, load_head
+from calibprompt.settings import sha256_json
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use device: cpu")
+    return torch.device(name)
+
+
+def open_split(resolved: dict):
+    """(dataset, split) of a resolved config: the saved split file, or a fresh deterministic split."""
+    from calibprompt.data import FewShotSplit, make_split, open_dataset
+
+    dataset = open_dataset(resolved["data"])
+    if resolved.get("split_file"):
+        split = FewShotSplit.from_json(resolved["split_file"], dataset)
+    else:
+        split = make_split(dataset, shots=int(resolved["shots"]), seed=int(resolved["seed"]),
+                           val_shots=int(resolved["val_shots"]))
+    return dataset, split
+
+
+_LAST_BACKBONE: dict = {}
+
+
+def loaded_backbone(backbone_cfg: dict, device: torch.device):
+    """The configured backbone, reusing the one the previous run in this process loaded when its config
+    and weight files are the same (sweeps, tuning and the demo run many configs on one model; frozen
+    weights make the reuse safe; files are re-checked by size and mtime)."""
+    from calibprompt.backbones import load_backbone
+
+    key = sha256_json({"cfg": backbone_cfg, "device": str(device), "files": _file_stamps(backbone_cfg)})
+    if _LAST_BACKBONE.get("key") != key:
+        _LAST_BACKBONE.clear()  # drop the old model before loading the next one
+        _LAST_BACKBONE.update(key=key, model=load_backbone(backbone_cfg).to(device))
+    return _LAST_BACKBONE["model"]
+
+
+def _file_stamps(backbone_cfg: dict) -> list:
+    path = backbone_cfg.get("path")
+    if not path or not Path(path).exists():
+        return []
+    files = [Path(path)] if Path(path).is_file() else sorted(Path(path).iterdir())
+    return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+
+
+def build_method(resolved: dict) -> Method:
+    """The Method object of a resolved config's ``resolved_method`` section."""
+    rm = resolved["resolved_method"]
+    from calibprompt.methods import METHODS
+
+    return METHODS[rm["kind"]](losses=rm["losses"], **rm["params"])
+
+
+def augment_views(train_cfg: dict) -> int | None:
+    """Augmented training views of a resolved ``train:`` section (None: no augmentation)."""
+    return int(train_cfg["n_views"] or train_cfg["epochs"]) if train_cfg["augment"] else None
+
+
+@dataclass
+class Features:
+    """Cached features of one run: one tensor per evaluated set, and the training views (N, V, D)."""
+
+    evals: list[torch.Tensor]
+    train_views: torch.Tensor
+
+
+def encode(cache: FeatureCache, backbone, dataset, method: Method, resolved: dict, eval_sets: Sequence[Sequence],
+           train: Sequence, fits: bool, progress: bool) -> Features:
+    """Every feature the run needs, in one encoder stream (one padded batch)."""
+    views = augment_views(resolved["train"]) if method.train_views == "augmented" else None
+    needs_train = fits and method.train_views != "none"
+    evals, train_views = cache.run_features(backbone, dataset, list(eval_sets), train if needs_train else (),
+                                            n_views=views, aug_seed=int(resolved["train"]["aug_seed"]),
+                                            progress=progress)
+    return Features(evals, train_views)
+
+
+@torch.no_grad()
+def zero_shot_text(backbone, classnames: list[str], template: str) -> torch.Tensor:
+    """Normalised (K, E) features of the hand-written prompts ``template.format(classname)``."""
+    ids = backbone.tokenize([template.format(c.replace("_", " ")) for c in classnames])
+    device = next(backbone.parameters()).device
+    return F.normalize(backbone.encode_text(ids.to(device)).float(), dim=-1)
+
+
+def fit(method: Method, backbone, dataset, resolved: dict, train_s: Sequence, train_views: torch.Tensor,
+        val: tuple[torch.Tensor, Sequence] | None, device: torch.device, progress: bool = False,
+        head_from: str | Path | None = None) -> FitResult:
+    """Fit ``method`` on the training shots (or restore it from ``head_from``) and return its head."""
+    ctx = FitContext(
+        backbone=backbone, classnames=list(dataset.classnames), train_views=train_views,
+        labels=torch.tensor([s.label for s in train_s], dtype=torch.long),
+        zs_text=zero_shot_text(backbone, dataset.classnames, dataset.template),
+        scale=float(backbone.logit_scale.float()), seed=int(resolved["seed"]), device=device,
+        train_cfg=resolved["train"], prompt_cfg=resolved["prompt"],
+        val_features=val[0] if val else None,
+        val_labels=torch.tensor([s.label for s in val[1]], dtype=torch.long) if val else None,
+        progress=progress,
+    )
+    if head_from is not None:
+        return restore(method, ctx, head_from)
+    torch.manual_seed(int(resolved["seed"]))
+    return method.fit(ctx)
+
+
+def restore(method: Method, ctx: FitContext, path: str | Path) -> FitResult:
+    """A saved head (``head.safetensors`` of any run) or CoOp context vectors (``prompt.safetensors``)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        is_head = (handle.metadata() or {}).get("format", "").startswith("calibprompt.head")
+    if is_head:
+        head, _ = load_head(path, num_classes=ctx.num_classes, feature_dim=int(ctx.zs_text.shape[1]))
+        return FitResult(head, {"head_from": str(path)})
+    if not hasattr(method, "from_prompt"):
+        raise ValueError(f"{path} holds context vectors, which only prompt-learning methods use; method "
+                         f"{method.name!r} needs a head.safetensors file")
+    return method.from_prompt(ctx, path)
+
+
+def fit_posthoc(name: str | None, head, val_feats: torch.Tensor | None, val_s: Sequence):
+    """(calibrator or None, what the run records) for the resolved ``posthoc`` name."""
+    if not name:
+        return None, None
+    from calibprompt.calibration import get_calibrator
+
+    val_logits = logits(head, val_feats)
+    labels = np.array([s.label for s in val_s])
+    calibrator = get_calibrator(name).fit(val_logits.numpy(), labels)
+    return calibrator, {"name": name, "params": calibrator.fitted_params(), "n_val": len(val_s)}
+
+
+@torch.no_grad()
+def logits(head, feats: torch.Tensor, calibrator: Any = None, batch_size: int = 100) -> torch.Tensor:
+    """Head logits of cached features in batches (test batch 100 as in the paper), then the calibrator."""
+    device = next(head.parameters()).device
+    out = torch.cat([head(feats[i : i + batch_size].to(device)).cpu() for i in range(0, feats.shape[0], batch_size)]) \
+        if feats.shape[0] else torch.empty(0, head.num_classes)
+    if calibrator is not None:
+        out = torch.as_tensor(calibrator.transform(out.numpy()))
+    return out
+

@@ -1,0 +1,134 @@
+"""One run end to end: the pipeline's stages (``engine.pipeline``) plus the run folder
+(``engine.artifacts``). A finished run is reused when the resolved config's hash matches."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from calibprompt.config import config_hash, dump, resolve
+from calibprompt.engine import pipeline
+from calibprompt.engine.artifacts import (
+    RESULT_FILE,
+    RunConflict,
+    backbone_record,
+    finished_result,
+    versions,
+    write_predictions,
+)
+from calibprompt.features import FeatureCache
+from calibprompt.methods.heads import head_bytes
+from calibprompt.settings import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+
+def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCache | None = None,
+        overwrite: bool = False, head_from: str | Path | None = None) -> dict:
+    """Execute (or reuse) the run described by ``cfg`` and write its files to ``out_dir``.
+
+    ``head_from``: evaluate a saved head (``head.safetensors``) or saved context vectors
+    (``prompt.safetensors``) instead of fitting (``calibprompt eval``)."""
+    resolved = resolve(cfg)
+    head_from = head_from if head_from is not None else resolved.get("head_from")
+    if head_from is not None:
+        resolved["resolved_method"]["trains"] = False
+        resolved["head_from"] = str(head_from)
+    run_hash = config_hash(resolved)
+    out_dir = Path(out_dir)
+    done = finished_result(out_dir, run_hash)
+    if done is not None:
+        if not quiet:
+            print(f"reusing finished run {run_hash[:12]} in {out_dir}")
+        return done
+    other = finished_result(out_dir)
+    if other is not None and not overwrite:
+        raise RunConflict(
+            f"{out_dir} holds a finished run of another configuration (hash {other.get('config_hash', '?')[:12]}, "
+            f"this one {run_hash[:12]}); choose another --out or pass --overwrite"
+        )
+    (out_dir / RESULT_FILE).unlink(missing_ok=True)  # an interrupted rerun must never look finished
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump(resolved))
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    seed = int(resolved["seed"])
+    torch.manual_seed(seed)
+    device = pipeline.resolve_device(resolved["device"])
+    dataset, split = pipeline.open_split(resolved)
+    split.to_json(out_dir / "split.json")
+    train_s, val_s, test_s = (split.samples_for(part) for part in ("train", "val", "test"))
+    timings["data"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    backbone = pipeline.loaded_backbone(resolved["backbone"], device)
+    timings["load_backbone"] = time.perf_counter() - t
+    cache = cache or FeatureCache(resolved.get("cache_dir"))
+    method = pipeline.build_method(resolved)
+    encoded_before = cache.encoded
+
+    t = time.perf_counter()
+    fits = head_from is None and (method.trains or method.train_views != "none")
+    feats = pipeline.encode(cache, backbone, dataset, method, resolved, [test_s, val_s], train_s, fits, not quiet)
+    test_feats, val_feats = feats.evals
+    timings["features"] = time.perf_counter() - t
+
+    fitted = pipeline.fit(method, backbone, dataset, resolved, train_s, feats.train_views,
+                          (val_feats, val_s) if val_s else None, device, progress=not quiet, head_from=head_from)
+    if "seconds" in fitted.info:
+        timings["train"] = fitted.info.pop("seconds")
+    head = fitted.head.to(device)
+    atomic_write_bytes(out_dir / "head.safetensors",
+                       head_bytes(head, {"config_hash": run_hash, "method": method.name,
+                                         "classnames": list(dataset.classnames)}))
+    for name, data in fitted.files.items():
+        atomic_write_bytes(out_dir / name, data)
+
+    t = time.perf_counter()
+    calibrator, posthoc_info = pipeline.fit_posthoc(resolved["resolved_method"]["posthoc"], head, val_feats, val_s)
+    test_logits = pipeline.logits(head, test_feats, calibrator, int(resolved["eval"]["batch_size"]))
+    test_labels = np.array([s.label for s in test_s])
+    metrics, metrics_ref = _evaluate(test_logits, test_labels, out_dir, resolved)
+    timings["evaluate"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    write_predictions(out_dir / "predictions.csv", test_s, test_logits)
+
+    result = {
+        "status": "done",
+        "config_hash": run_hash,
+        "run_id": run_hash[:16],
+        "name": resolved.get("name"),
+        "method": resolved["resolved_method"]["name"],
+        "method_kind": method.name,
+        "backbone": backbone.info.name,
+        "dataset": dataset.name,
+        "shots": int(resolved["shots"]),
+        "seed": seed,
+        "metrics": metrics,
+        "metrics_reference": metrics_ref,
+        "posthoc": posthoc_info,
+        "train": fitted.info,
+        "n_test": len(test_s),
+        "n_val": len(val_s),
+        "images_encoded": cache.encoded - encoded_before,
+        "timings": timings,
+        "versions": versions(device),
+        "backbone_info": backbone_record(backbone),
+        "config": resolved,
+    }
+    atomic_write_json(out_dir / RESULT_FILE, result)  # last: its presence marks the run finished
+    return result
+
+
+def _evaluate(logits: torch.Tensor, labels: np.ndarray, out_dir: Path, resolved: dict) -> tuple[dict, dict]:
+    from calibprompt.metrics import calibration_metrics, reliability_diagram
+
+    n_bins = int(resolved["eval"]["n_bins"])
+    logits_np = logits.double().numpy()
+    standard = calibration_metrics(logits_np, labels, n_bins=n_bins, convention="standard")
+    reference = calibration_metrics(logits_np, labels, n_bins=n_bins, convention="reference")
+    title = f"{resolved['resolved_method']['name']} · {resolved.get('name') or ''}".strip(" ·")
+    reliability_diagram(logits_np, labels, out_dir / "reliability.png", n_bins=n_bins, title=title)
+    return standard, reference

@@ -1,0 +1,74 @@
+"""CoOp prompt learning with any loss list: CalibPrompt, its ablations and every loss baseline.
+
+The learned context vectors are spliced into each class prompt and encoded by the frozen text tower
+(:mod:`calibprompt.methods.prompt_learner`); training runs over cached image features
+(:mod:`calibprompt.methods.prompt_training`). The head is linear in the image feature: the class text
+features of the learned prompts, scaled by the backbone's logit scale. The context vectors are kept
+beside it as ``prompt.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from calibprompt.methods.base import FitContext, FitResult, Method, register_method, warn_if_smac_alpha_inert
+from calibprompt.methods.heads import LinearHead
+from calibprompt.methods.prompt_learner import PromptLearner
+from calibprompt.methods.prompt_training import TrainSettings, train_prompts
+
+
+@register_method
+class CoOp(Method):
+    name = "coop"
+    family = "prompt"
+    formula = ("t_k = TextTower([SOT] ctx_1..ctx_n <class k>.), z_k = s · cos(f, t_k); ctx minimises "
+               "Σ_n w_n L_n (the method's loss list)")
+    reference = "Zhou et al., CoOp (IJCV 2022); losses as in CalibPrompt (BMVC 2025)"
+    has_prototypes = True
+    uses_text_tower = True
+
+    def learner(self, ctx: FitContext) -> PromptLearner:
+        p = ctx.prompt_cfg
+        gen = torch.Generator().manual_seed(int(ctx.seed))  # the context draws its own seeded stream
+        return PromptLearner(ctx.backbone, ctx.classnames, n_ctx=int(p["n_ctx"]), init=p["init"],
+                             position=p["position"], csc=bool(p["csc"]), init_std=float(p["init_std"]),
+                             generator=gen).to(ctx.device)
+
+    def fit(self, ctx: FitContext) -> FitResult:
+        learner = self.learner(ctx)
+        tr = ctx.train_cfg
+        warn_if_smac_alpha_inert(self.losses, ctx.labels, int(tr["batch_size"]))
+        settings = TrainSettings(**{k: tr[k] for k in TrainSettings.__dataclass_fields__})
+        result = train_prompts(ctx.backbone, learner, self.objective(), ctx.train_views, ctx.labels, settings,
+                               int(ctx.seed), zs_text_features=ctx.zs_text, progress=ctx.progress)
+        info = {"steps": result.steps, "epoch_losses": result.losses, "text_tokens": result.text_tokens,
+                "n_train": int(len(ctx.labels)), "seconds": result.seconds}
+        return self._result(ctx, learner, info)
+
+    def from_prompt(self, ctx: FitContext, path: str | Path) -> FitResult:
+        """The head of context vectors saved by an earlier run (``prompt.safetensors``)."""
+        from safetensors.torch import load_file
+
+        learner = self.learner(ctx)
+        ctx_tensor = load_file(str(path))["ctx"]
+        if tuple(ctx_tensor.shape) != tuple(learner.ctx.shape):
+            raise ValueError(f"{path}: context of shape {tuple(ctx_tensor.shape)} does not fit this prompt learner "
+                             f"{tuple(learner.ctx.shape)}; check prompt.n_ctx / prompt.csc and the backbone")
+        with torch.no_grad():
+            learner.ctx.copy_(ctx_tensor.to(learner.ctx.dtype))
+        return self._result(ctx, learner, {"prompt_from": str(path)})
+
+    def _result(self, ctx: FitContext, learner: PromptLearner, info: dict) -> FitResult:
+        from safetensors.torch import save
+
+        with torch.no_grad():
+            text = learner.text_features(ctx.backbone)
+        meta = {"n_ctx": str(learner.n_ctx), "position": learner.position,
+                "classnames": json.dumps(learner.classnames)}
+        prompt = save({"ctx": learner.ctx.detach().cpu().contiguous()}, metadata=meta)
+        head = LinearHead(text, scale=ctx.scale, normalize_weight=False)
+        info["prompt_shape"] = list(learner.ids.shape)  # (K, tokens): what one text-encoder pass processes
+        return FitResult(head, info, files={"prompt.safetensors": prompt})
