@@ -117,7 +117,7 @@ def test_registry_has_the_zoo_with_complete_entries():
     assert rows["biomedclip"]["family"] == rows["unimedclip-b16"]["family"] == "bert"
     assert rows["biomedclip"]["context_length"] == 256 and rows["biomedclip"]["token_dim"] == 768
     assert rows["medclip-vit"]["family"] == "medclip" and rows["medclip-vit"]["mean"] == [0.5862785803043838]
-    # Parity presets (method.md §10): Q1, Q2, Q3.
+    # Parity presets (docs/method.md §10): Q1, Q2, Q3.
     assert rows["biomedclip"]["reference"] == {"double_embedding": True}
     assert rows["medclip-vit"]["reference"] == {"medclip_max_length": 25, "medclip_norm": "clip"}
     assert rows["plip"]["reference"] == rows["quiltnet-b32"]["reference"] == {"precision": "fp16"}

@@ -1,4 +1,4 @@
-"""Task and calibration losses against their definitions (method.md §3) and hand-computed values."""
+"""Task and calibration losses against their definitions (docs/method.md §3) and hand-computed values."""
 
 from __future__ import annotations
 

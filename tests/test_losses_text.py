@@ -1,4 +1,4 @@
-"""Losses on the class text features: AS, moment matching, C-TPT, O-TPT, KgCoOp (method.md §3)."""
+"""Losses on the class text features: AS, moment matching, C-TPT, O-TPT, KgCoOp (docs/method.md §3)."""
 
 from __future__ import annotations
 

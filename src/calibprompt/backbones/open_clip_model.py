@@ -140,7 +140,7 @@ class OpenClipBackbone(Backbone):
         text_cfg = model_cfg.get("text_cfg", {})
         self.is_bert = bool(text_cfg.get("hf_model_name"))
         self._dtype = DTYPES[precision]
-        # Parity switch (method.md Q1): embed fixed prompt tokens with BERT's *full* embedding module,
+        # Parity switch (docs/parity.md, Q1): embed fixed prompt tokens with BERT's *full* embedding module,
         # so BERT adds position/type embeddings and LayerNorm a second time. Off by default.
         self.double_embedding = double_embedding
         if double_embedding and not self.is_bert:

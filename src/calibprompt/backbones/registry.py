@@ -2,7 +2,7 @@
 
 Every entry says where its weights come from, which library runs it, its text family and its defaults
 (context length, normalisation, zero-shot template, warm-up lr, precision), plus the parity switches
-that ``parity: reference`` turns on (method.md §10). :func:`load_backbone` resolves a ``backbone:``
+that ``parity: reference`` turns on (docs/method.md §10). :func:`load_backbone` resolves a ``backbone:``
 config section to a loaded :class:`~calibprompt.backbones.base.Backbone` and records every resolved
 switch in ``backbone.info.extra``.
 """
@@ -36,7 +36,7 @@ BACKBONE_KEYS = {
     "text_dir": "local folder with a BERT text tower's config.json and tokenizer files (BiomedCLIP, UniMed-CLIP)",
     "tokenizer_dir": "local folder with the tokenizer files when the weights lack them "
                      "(CLIP BPE vocab.json + merges.txt; Bio_ClinicalBERT vocab.txt for MedCLIP)",
-    "parity": "standard (default: correct behaviour) | reference (the official code's quirks, method.md §10)",
+    "parity": "standard (default: correct behaviour) | reference (the official code's quirks, docs/method.md §10)",
     "precision": "fp32 | fp16 (default fp32; fp16 under parity: reference for PLIP and QuiltNet, Q3)",
     "double_embedding": "BERT towers: embed fixed prompt tokens with the full embedding module (Q1; "
                         "default false, true under parity: reference for BiomedCLIP)",

@@ -1,5 +1,5 @@
 """Class names and zero-shot templates: ``classnames.txt`` files, the ``classnames:`` override and
-the per-dataset template lookup (method.md §7.3)."""
+the per-dataset template lookup (docs/method.md §7.3)."""
 
 from __future__ import annotations
 

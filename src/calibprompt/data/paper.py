@@ -1,4 +1,4 @@
-"""The paper's five datasets (method.md §7.2-7.3): names, class order, prompt text, templates,
+"""The paper's five datasets (docs/method.md §7.2-7.3): names, class order, prompt text, templates,
 and opening the prepared layout ``<root>/<folder>/images/{train,test}/<class_folder>/``."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Few-shot splits that depend only on (image content, labels, shots, seed), never on the order in
-which files are listed (method.md §7.4, Q15), saved and reloaded as JSON.
+which files are listed (docs/method.md §7.4, Q15), saved and reloaded as JSON.
 
 Algorithm (docs/data.md):
 - every candidate of a class is ranked by sha256("calibprompt/fewshot/<seed>/<content hash>"),

@@ -98,21 +98,24 @@ def encode(cache: FeatureCache, backbone, dataset, method: Method, resolved: dic
 
 
 @torch.no_grad()
-def zero_shot_text(backbone, classnames: list[str], template: str) -> torch.Tensor:
-    """Normalised (K, E) features of the hand-written prompts ``template.format(classname)``."""
+def zero_shot_text(backbone, classnames: list[str], template: str, normalize: bool = True) -> torch.Tensor:
+    """(K, E) features of the hand-written prompts ``template.format(classname)`` (L2-normalised unless
+    ``normalize=False``)."""
     ids = backbone.tokenize([template.format(c.replace("_", " ")) for c in classnames])
     device = next(backbone.parameters()).device
-    return F.normalize(backbone.encode_text(ids.to(device)).float(), dim=-1)
+    raw = backbone.encode_text(ids.to(device)).float()
+    return F.normalize(raw, dim=-1) if normalize else raw
 
 
 def fit(method: Method, backbone, dataset, resolved: dict, train_s: Sequence, train_views: torch.Tensor,
         val: tuple[torch.Tensor, Sequence] | None, device: torch.device, progress: bool = False,
         head_from: str | Path | None = None) -> FitResult:
     """Fit ``method`` on the training shots (or restore it from ``head_from``) and return its head."""
+    zs_raw = zero_shot_text(backbone, dataset.classnames, dataset.template, normalize=False)
     ctx = FitContext(
         backbone=backbone, classnames=list(dataset.classnames), train_views=train_views,
         labels=torch.tensor([s.label for s in train_s], dtype=torch.long),
-        zs_text=zero_shot_text(backbone, dataset.classnames, dataset.template),
+        zs_text=F.normalize(zs_raw, dim=-1), zs_text_raw=zs_raw,
         scale=float(backbone.logit_scale.float()), seed=int(resolved["seed"]), device=device,
         train_cfg=resolved["train"], prompt_cfg=resolved["prompt"],
         val_features=val[0] if val else None,

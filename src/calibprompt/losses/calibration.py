@@ -1,7 +1,7 @@
 """Calibration regularisers on the predictions: pair them with a task loss (SMAC, MDCA, DCA, MMCE,
 Penalty, margin mean-variance). None of them contains CE.
 
-Notation (method.md §3): p_i = softmax(z_i), conf_i = max_k p_ik, ŷ_i = argmax_k p_ik,
+Notation (docs/method.md §3): p_i = softmax(z_i), conf_i = max_k p_ik, ŷ_i = argmax_k p_ik,
 f_c = (1/B) Σ_i 1[y_i = c] the class frequency in the batch.
 """
 
@@ -21,7 +21,7 @@ def smoothed_frequencies(labels: torch.Tensor, k: int, alpha: float, dtype: torc
     """s_c = (1 − α) f_c + α (1 − f_c)/(K − 1), the batch mean of the LS targets q_ic.
 
     Identity: s_c − 1/K = (1 − αK/(K−1)) (f_c − 1/K). In a class-balanced batch f_c = 1/K, so s_c = 1/K
-    whatever α is, and SMAC = MDCA (method.md Q6).
+    whatever α is, and SMAC = MDCA (docs/parity.md, Q6).
     """
     f = class_frequencies(labels, k, dtype)
     return (1.0 - alpha) * f + alpha * (1.0 - f) / (k - 1)

@@ -1,6 +1,6 @@
 """Task losses: each one alone can train the prompts (CE, LS, FL, MbLS, LogitNorm, ZS-Norm).
 
-Notation (method.md §3): p_i = softmax(z_i), y_i the label, K classes, B the batch size.
+Notation (docs/method.md §3): p_i = softmax(z_i), y_i the label, K classes, B the batch size.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class LabelSmoothing(Loss):
     """L_LS = (1/B) Σ_i Σ_k −q_ik log p_ik with q_ik = 1−α if k = y_i else α/(K−1).
 
     Not PyTorch's ``label_smoothing=α`` (which gives α/K to every class, the true one included):
-    CalibPrompt's off-target mass is α/(K−1) (method.md Q7). LS(α=0) = CE.
+    CalibPrompt's off-target mass is α/(K−1) (docs/parity.md, Q7). LS(α=0) = CE.
     """
 
     name = "LS"

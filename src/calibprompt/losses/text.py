@@ -84,7 +84,7 @@ class OTPTOrthogonality(Loss):
     """O-TPT (CVPR 2025) as a train-time regulariser: ‖T Tᵀ − I_K‖ on normalised T.
 
     The diagonal of T Tᵀ is 1, so the squared-sum form equals Σ_{k≠j} cos²(t_k, t_j).
-    Variant (the O-TPT training code was not available, method.md §11):
+    Variant (the O-TPT training code was not available, docs/method.md §11):
     ``squared`` (default True): squared Frobenius norm, else its square root (the plain norm);
     ``reduction`` "sum" (default) over the K² entries, or "mean" (divide by K²) before any root.
     """

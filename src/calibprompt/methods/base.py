@@ -40,6 +40,8 @@ class FitContext:
     val_features: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
     progress: bool = False
+    #: (K, D) the same zero-shot text features before L2-normalisation (CLAP's and ZS-LP's start)
+    zs_text_raw: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:

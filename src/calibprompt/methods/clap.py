@@ -12,8 +12,9 @@ Multipliers ``multipliers``: ``zero-shot`` (default) λ_k = mean zero-shot proba
 its own training views; ``balanced`` λ_k = 1; ``corrected`` the zero-shot λ rescaled to sum to K;
 ``constant`` their mean. ``adaptive: true`` applies CLAP's augmented-Lagrangian (PHR) outer step after
 every epoch: λ_k <- max(λ_k + ρ_k h_k, 0), ρ_k <- h_k with h_k = ||w_k − t_k||² (ρ starts at 0).
-Deviation: t_k and the initial w_k are the L2-normalised zero-shot features (the original uses the
-unnormalised text embeddings; logits are unaffected, the penalty's scale is).
+As in the original, t_k and the initial w_k are the text tower's *unnormalised* zero-shot features:
+the forward pass normalises w, so the norm of t sets the effective step size on w's direction and the
+scale of the penalty (normalising t first would make both about ||t||² times stronger).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class _CosineProbe(Method):
         return None, None
 
     def fit(self, ctx: FitContext) -> FitResult:
-        t = ctx.zs_text.float().to(ctx.device)
+        t = (ctx.zs_text if ctx.zs_text_raw is None else ctx.zs_text_raw).float().to(ctx.device)
         w = t.clone().requires_grad_(True)
         penalty, after_epoch = self.penalty(ctx, w, t)
         info = train_head(ctx, [w], lambda f: ctx.scale * F.normalize(f, dim=-1) @ F.normalize(w, dim=-1).t(),
@@ -81,6 +82,8 @@ class CLAP(_CosineProbe):
             raise ValueError(f"method 'clap': adaptive={self.hparams['adaptive']!r} must be true or false")
 
     def multipliers(self, ctx: FitContext, t: torch.Tensor) -> torch.Tensor:
+        """λ_k per ``multipliers`` (zero-shot probabilities use the normalised text features)."""
+        t = F.normalize(t, dim=-1)
         k = ctx.num_classes
         if self.hparams["multipliers"] == "balanced":
             return torch.ones(k, device=t.device)

@@ -1,7 +1,7 @@
 """Input checking and conversion shared by every metric: logits or probabilities (N, K), labels (N,).
 
 Everything is converted to float64 NumPy first, so torch tensors of any float dtype (fp16 included)
-are accepted and the softmax is computed in float64 as in the official pipeline (method.md §8.1).
+are accepted and the softmax is computed in float64 as in the official pipeline (docs/method.md §8.1).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The official CalibPrompt / DAC metric conventions (method.md §8.2), reproduced for parity.
+"""The official CalibPrompt / DAC metric conventions (docs/method.md §8.2), reproduced for parity.
 
 These are *not* the recommended definitions; each difference from the standard ones is listed in
 docs/metrics.md (Q4 conf = 1.0 in ECE, Q5 weighted MCE, sklearn quantile bins for ACE, Q9 ECE-KDE,

@@ -127,7 +127,7 @@ def calibration_metrics(
     Softmax in float64; conf = max p, ŷ = argmax p. Keys: accuracy, macro_f1, confidence, ece, mce,
     ace (= adaptive_ece, the equal-mass ECE), ace_effective_bins, classwise_ece, nll, brier, smece,
     plus convention, n_bins, closed, n_samples, n_classes. convention="reference" reproduces the
-    official code (method.md §8.2) and adds ece_kde (= ece_kde_reference), mean_gt_ece, mean_pred_ece.
+    official code (docs/method.md §8.2) and adds ece_kde (= ece_kde_reference), mean_gt_ece, mean_pred_ece.
     closed="right" switches the standard equal-width bins to (a, b]. See docs/metrics.md.
     """
     check_options(n_bins, convention, closed)
