@@ -9,7 +9,7 @@ import pytest
 
 from calibprompt.cli import main
 from calibprompt.demo import load_demo_config, parse_seeds, verdict
-from calibprompt.micro import PretrainSettings, pretrain_micro, task_text
+from calibprompt.pretrain import PretrainSettings, pretrain_micro, task_text
 from tests.conftest import require_shared
 
 TINY_CONFIG = """

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from calibprompt.micro import (
+from calibprompt.pretrain import (
     META_FILE,
     PretrainSettings,
     class_captions,

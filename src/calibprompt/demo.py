@@ -1,7 +1,7 @@
 """``calibprompt demo``: the whole method, end to end, on real medical images, with one command.
 
 1. find the data (``$CALIBPROMPT_DATA``, the medmnist package's folder, else its download);
-2. pretrain the micro Med-VLM when it is missing (:mod:`calibprompt.micro`);
+2. pretrain the micro Med-VLM when it is missing (:mod:`calibprompt.pretrain`);
 3. for every seed, one few-shot split (training shots from the downstream pool that pretraining never
    saw, validation shots from the val split, the whole test split for evaluation), then every method
    through :func:`calibprompt.engine.run.run` with ONE shared feature cache, so each image view is encoded once;
@@ -84,7 +84,7 @@ def resolve_dataset(spec: str, quiet: bool = False) -> tuple[dict, bool]:
     and whether it is a MedMNIST flag."""
     from calibprompt.config import yaml_load
     from calibprompt.data import config_for_path
-    from calibprompt.micro import medmnist_data_cfg, task_text
+    from calibprompt.pretrain import medmnist_data_cfg, task_text
 
     path = Path(spec).expanduser()
     if not path.exists() and "/" not in spec and not spec.endswith((".yaml", ".yml", ".npz")):
@@ -132,7 +132,7 @@ def write_splits(dataset, seeds: list[int], shots: int, val_shots: int, folder: 
     whole test split, or with ``eval_on="val"`` the val images that are not validation shots (for
     investigations and tuning that must not look at the test split)."""
     from calibprompt.data import make_split
-    from calibprompt.micro import downstream_pool
+    from calibprompt.pretrain import downstream_pool
 
     if not dataset.has_split:
         raise ValueError(f"dataset {dataset.name!r} has no train/test split; the demo needs one "
@@ -187,7 +187,7 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     from calibprompt.config import load_config
     from calibprompt.data import open_dataset
     from calibprompt.features import FeatureCache
-    from calibprompt.micro import DEFAULT_SOURCES, PretrainSettings, ensure_model, medmnist_data_cfg, read_meta
+    from calibprompt.pretrain import DEFAULT_SOURCES, PretrainSettings, ensure_model, medmnist_data_cfg, read_meta
     from calibprompt.engine.run import run
 
     t_start = time.perf_counter()
@@ -229,7 +229,7 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
             source_cfgs = [data_cfg]
         settings = PretrainSettings(**_known(PretrainSettings, {**(cfg.get("pretrain") or {}),
                                                                 **(pretrain_overrides or {})}))
-        from calibprompt.micro import model_dir as default_dir
+        from calibprompt.pretrain import model_dir as default_dir
 
         folder = Path(model).expanduser() if model else default_dir(
             [str(c.get("name") or Path(c["path"]).stem) for c in source_cfgs])

@@ -57,7 +57,7 @@ def _scale(value):
 
 def _pretrain(args) -> int:
     from calibprompt.demo import resolve_dataset
-    from calibprompt.micro import PretrainSettings, ensure_model, medmnist_data_cfg, read_meta
+    from calibprompt.pretrain import PretrainSettings, ensure_model, medmnist_data_cfg, read_meta
 
     cfgs = []
     for spec in [s.strip() for s in args.datasets.split(",") if s.strip()]:
