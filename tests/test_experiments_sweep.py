@@ -17,7 +17,7 @@ import yaml
 
 from calibprompt.cli import main
 from calibprompt.experiments import Grid, ResultStore, run_sweep
-from calibprompt.experiments.report import METRIC_INFO
+from calibprompt.reporting.tables import METRIC_INFO
 from calibprompt.experiments.sweep import read_sweep_file
 from tests.conftest import require_shared
 from tests.tiny_models import tiny_model_dir

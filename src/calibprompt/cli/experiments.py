@@ -122,7 +122,9 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-    from calibprompt.experiments.report import collect, render, write_report
+    from calibprompt.reporting.collect import collect
+    from calibprompt.reporting.html import write_report
+    from calibprompt.reporting.tables import render
 
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.format:

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 
 from calibprompt.metrics.binning import equal_width_bins
+from calibprompt.metrics.registry import metric_spec
 from calibprompt.reporting.stats import values
 from calibprompt.settings import atomic_write_bytes, atomic_write_text
 
-METRICS = (  # (key in metrics.json, column title, shown as percent)
-    ("accuracy", "Accuracy", True), ("ece", "ECE", True), ("mce", "MCE", True),
-    ("adaptive_ece", "Adaptive ECE", True), ("nll", "NLL", False), ("brier", "Brier", False),
-)
+#: (key in metrics.json, column title, shown as percent), from the metric registry
+METRICS = tuple((m.name, m.title, m.percent) for m in map(metric_spec, (
+    "accuracy", "ece", "mce", "adaptive_ece", "nll", "brier")))
 
 
 def summarise(methods: list[dict], results: dict, dataset: str, seeds: list[int], eval_on: str = "test") -> list[dict]:

@@ -1,5 +1,5 @@
 """Experiments: grids of runs (``grid``), the results store (``store``), executors (local, Ray),
-sweeps (``sweep``), paper-style reports (``report``) and validation-only tuning (``tune``).
+sweeps (``sweep``) and validation-only tuning (``tune``); reports are in ``calibprompt.reporting``.
 See docs/experiments.md.
 
 Names are imported lazily, so ``calibprompt --help`` (which lists the grid presets) stays fast."""
@@ -12,9 +12,7 @@ _EXPORTS = {
     "Grid": "grid", "GridError": "grid", "RunSpec": "grid", "list_presets": "grid",
     "ResultStore": "store",
     "SweepSummary": "sweep", "run_sweep": "sweep",
-    "write_report": "report",
     "run_tune": "tune",
-    "validation_metrics": "validation",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -38,9 +38,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 
+from calibprompt.metrics.registry import stored_metrics
+
 SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "done", "failed")
-METRIC_COLUMNS = ("accuracy", "ece", "mce", "ace", "nll", "brier")
+METRIC_COLUMNS = stored_metrics()  # the store's schema: metrics kept as columns (metrics.registry)
 DEFAULT_DB = "results.sqlite"
 STORE_ENV = "CALIBPROMPT_STORE"
 

@@ -1,0 +1,194 @@
+"""``calibprompt report DIR``: paper-style tables from a sweep's results store.
+
+One table per (shots, backbone): rows are methods (with their sweep values), columns are datasets x
+metrics; each cell is the mean +- sample std (ddof 1) over the seeds that finished. Per column the best
+value is bold and the second best underlined (Markdown: italic), ranked on the value as displayed, so
+ties share a mark. Fractions are shown in percent; NLL and Brier as they are.
+
+Written to ``DIR/report/``: ``tables.md``, ``tables.tex`` (booktabs), ``results.csv`` (long format, one
+row per group and metric, with full-precision mean/std and the rank), ``report.html`` with a per-dataset
+ECE-vs-accuracy plot (``figures/ece_accuracy_<shots>shot.png``) and reliability diagrams pooled over
+seeds (``figures/reliability/*.png``, from each run's predictions.csv).
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibprompt.reporting.collect import Collection, Group, _read_predictions, collect
+from calibprompt.reporting.tables import (
+    DEFAULT_METRICS,
+    Table,
+    _caption,
+    _header,
+    build_tables,
+    cell_text,
+    csv_text,
+    latex,
+    markdown,
+)
+from calibprompt.settings import atomic_write_bytes, atomic_write_text
+
+
+def _figure(**kwargs):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def ece_accuracy_plot(collection: Collection, shots: int, path: Path) -> bool:
+    """Per (backbone, dataset) panel: mean accuracy (x) against mean ECE (y) of every method, with
+    std error bars over seeds. Lower right is better."""
+    panels = list(dict.fromkeys((g.backbone, g.dataset) for g in collection.groups if g.shots == shots))
+    panels = [p for p in panels if any(g.stat("ece") for g in collection.groups
+                                       if (g.shots, g.backbone, g.dataset) == (shots, *p))]
+    if not panels:
+        return False
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = _figure(figsize=(5.2 * cols, 4.2 * rows))
+    for i, (b, d) in enumerate(panels):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        groups = [g for g in collection.groups if (g.shots, g.backbone, g.dataset) == (shots, b, d)]
+        for j, g in enumerate(groups):
+            acc, ece = g.stat("accuracy"), g.stat("ece")
+            if acc is None or ece is None:
+                continue
+            ax.errorbar(acc[0] * 100, ece[0] * 100, xerr=(acc[1] or 0) * 100, yerr=(ece[1] or 0) * 100,
+                        fmt="o", color=f"C{j % 10}", capsize=3, label=g.row)
+            ax.annotate(g.row, (acc[0] * 100, ece[0] * 100), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_title(f"{b} · {d} · {shots} shots", fontsize=10)
+        ax.set_xlabel("accuracy (%)")
+        ax.set_ylabel("ECE (%)")
+        ax.grid(alpha=0.3)
+    atomic_write_bytes(path, _png(fig))
+    return True
+
+
+def pooled_reliability(group: Group, path: Path) -> bool:
+    """Reliability diagram of the group's test predictions pooled over its seeds (predictions.csv)."""
+    from calibprompt.metrics import reliability_diagram
+
+    probs, labels = [], []
+    for run_dir in group.run_dirs:
+        p, y = _read_predictions(run_dir / "predictions.csv")
+        if p is not None:
+            probs.append(p)
+            labels.append(y)
+    if not probs or len({p.shape[1] for p in probs}) != 1:
+        return False
+    title = f"{group.row} · {group.backbone} · {group.dataset}\n{group.shots} shots · {len(probs)} seed(s) pooled"
+    reliability_diagram(np.concatenate(probs), np.concatenate(labels), path, n_bins=group.n_bins, title=title,
+                        inputs="probs")
+    return True
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")[:80] or "x"
+
+
+# ------------------------------------------------------------------------------------------- html
+def html_report(tables: list[Table], collection: Collection, figures: dict[str, Any]) -> str:
+    e = html.escape
+    sweep = collection.sweep
+    c = collection.counts
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{e(sweep.get('name', 'sweep'))} · calibprompt report</title>",
+        "<style>body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
+        "thead th{background:#f3f3f3}.fig{display:inline-block;margin:4px;vertical-align:top}"
+        ".fig img{width:260px}pre{white-space:pre-wrap;font-size:12px;background:#f8f8f8;padding:6px}</style>",
+        "</head><body>",
+        f"<h1>{e(sweep.get('name', 'sweep'))}</h1>",
+        f"<p>{c['done']}/{c['planned']} runs done, {c.get('failed', 0)} failed, "
+        f"{c.get('pending', 0) + c.get('running', 0)} not finished. Store: <code>{e(str(sweep.get('store')))}</code>. "
+        f"Grid: <code>{e(str(sweep.get('grid_source')))}</code>. Metric convention: {e(collection.convention)}.</p>",
+        "<p>Cells: mean ± std over seeds; percent except NLL and Brier. <b>bold</b> = best, <u>underlined</u> = "
+        "second best per column; † = fewer seeds finished than planned.</p>",
+    ]
+    for t in tables:
+        parts.append(f"<h2>{e(_caption(t, collection))}</h2><table><thead><tr><th rowspan='2'>Method</th>")
+        parts += [f"<th colspan='{len(t.metrics)}'>{e(d)}</th>" for d in t.datasets]
+        parts.append("</tr><tr>" + "".join(f"<th>{e(_header(m))}</th>" for _ in t.datasets for m in t.metrics))
+        parts.append("</tr></thead><tbody>")
+        for r in t.rows:
+            cells = [f"<td>{e(r)}</td>"]
+            for d in t.datasets:
+                for m in t.metrics:
+                    text = e(cell_text(t.cells.get((r, d)), m))
+                    rank = t.ranks.get((r, d, m))
+                    cells.append(f"<td>{'<b>' + text + '</b>' if rank == 1 else '<u>' + text + '</u>' if rank == 2 else text}</td>")
+            parts.append("<tr>" + "".join(cells) + "</tr>")
+        parts.append("</tbody></table>")
+    for shots, rel in figures.get("ece_accuracy", []):
+        parts.append(f"<h2>ECE against accuracy per dataset · {shots} shots</h2>"
+                     f"<p>Mean over seeds with std error bars; lower right is better.</p><img src='{e(rel)}' "
+                     "style='max-width:100%'>")
+    if figures.get("reliability"):
+        parts.append("<h2>Reliability diagrams (test predictions pooled over seeds)</h2>")
+        current = None
+        for (shots, b, d), rel, label in figures["reliability"]:
+            if (shots, b, d) != current:
+                current = (shots, b, d)
+                parts.append(f"<h3>{e(b)} · {e(d)} · {shots} shots</h3>")
+            parts.append(f"<div class='fig'><img src='{e(rel)}' alt='{e(label)}'><br><small>{e(label)}</small></div>")
+    if collection.failed:
+        parts.append("<h2>Failed runs</h2><table><thead><tr><th>run</th><th>what</th><th>error</th></tr></thead><tbody>")
+        for f in collection.failed:
+            first = f["error"].splitlines()[0] if f["error"] else ""
+            parts.append(f"<tr><td><code>{e(f['run_id'])}</code></td><td>{e(f['title'])}</td>"
+                         f"<td style='text-align:left'><details><summary>{e(first)}</summary><pre>{e(f['error'])}</pre>"
+                         "</details></td></tr>")
+        parts.append("</tbody></table>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------- entry
+
+
+def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS,
+                 convention: str = "standard", report_dir: str | Path | None = None,
+                 diagrams: bool = True) -> dict[str, str]:
+    """Write tables (md, tex, csv) and report.html (with figures) to ``DIR/report``; returns the paths."""
+    out_dir = Path(out_dir)
+    collection = collect(out_dir, store_url, convention)
+    tables = build_tables(collection, metrics)
+    target = Path(report_dir) if report_dir else out_dir / "report"
+    target.mkdir(parents=True, exist_ok=True)
+    paths = {"md": target / "tables.md", "tex": target / "tables.tex", "csv": target / "results.csv",
+             "html": target / "report.html"}
+    atomic_write_text(paths["md"], markdown(tables, collection) + "\n")
+    atomic_write_text(paths["tex"], latex(tables, collection))
+    atomic_write_text(paths["csv"], csv_text(tables, collection))
+    figures: dict[str, list] = {"ece_accuracy": [], "reliability": []}
+    for shots in dict.fromkeys(g.shots for g in collection.groups):
+        rel = f"figures/ece_accuracy_{shots}shot.png"
+        if ece_accuracy_plot(collection, shots, target / rel):
+            figures["ece_accuracy"].append((shots, rel))
+    if diagrams:
+        for i, g in enumerate(collection.groups):
+            rel = f"figures/reliability/{i:03d}_{_slug(f'{g.shots}shot_{g.backbone}_{g.dataset}_{g.row}')}.png"
+            if g.run_dirs and pooled_reliability(g, target / rel):
+                figures["reliability"].append(((g.shots, g.backbone, g.dataset), rel, g.row))
+    atomic_write_text(paths["html"], html_report(tables, collection, figures))
+    return {k: str(v) for k, v in paths.items()}
