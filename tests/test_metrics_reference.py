@@ -178,7 +178,7 @@ def test_per_class_reference_means_and_nan():
 
 
 def test_reference_keys_and_fp16_conf_one():
-    torch = pytest.importorskip("torch")
+    import torch
     # fp16 logits with a gap of 40 give conf == 1.0 exactly in float64 softmax
     z = torch.tensor([[40.0, 0.0], [40.0, 0.0], [0.0, 1.0], [2.0, 0.0]], dtype=torch.float16)
     y = torch.tensor([1, 0, 1, 0])

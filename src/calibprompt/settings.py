@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+#: the two metric and loss conventions: correct behaviour, and the official code's (docs/parity.md)
+CONVENTIONS = ("standard", "reference")
 DATA_ENV = "CALIBPROMPT_DATA"
 CACHE_ENV = "CALIBPROMPT_CACHE"
 
@@ -85,6 +87,13 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
+
+
+def slug(text: str, max_len: int = 80) -> str:
+    """A file-name-safe form of a label: lower case, runs of other characters as one "-"."""
+    import re
+
+    return re.sub(r"[^a-z0-9.=]+", "-", text.lower()).strip("-")[:max_len] or "x"
 
 
 def sha256_bytes(data: bytes) -> str:

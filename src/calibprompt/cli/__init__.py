@@ -21,13 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"calibprompt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"calibprompt.cli.{name}")
-        except ModuleNotFoundError as err:  # a command group not written yet
-            if err.name == f"calibprompt.cli.{name}":
-                continue
-            raise
-        module.register(sub)
+        importlib.import_module(f"calibprompt.cli.{name}").register(sub)
     return parser
 
 

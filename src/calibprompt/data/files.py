@@ -55,9 +55,6 @@ class FileDataset(ImageDataset):
     def _hash(self, sample: Sample) -> str:
         return sha256_file(self.paths[sample.ref])
 
-    def path_of(self, sample: Sample | str) -> Path:
-        return self.paths[self.get(sample).ref]
-
 
 def check_files(entries: list[FileEntry], *, verify: str, skip_bad: bool, where: str
                 ) -> tuple[list[FileEntry], list[tuple[str, str]], dict[str, str]]:

@@ -30,12 +30,13 @@ SPLIT_FORMAT = "calibprompt.split/1"
 PARTS = ("train", "val", "test")
 
 
-def _rank(salt: str, digest: str) -> str:
+def content_rank(salt: str, digest: str) -> str:
+    """A deterministic, seed-salted order key of a content hash (how shots are drawn)."""
     return hashlib.sha256(f"calibprompt/{salt}/{digest}".encode()).hexdigest()
 
 
 def _ranked(dataset: ImageDataset, samples: list[Sample], salt: str) -> list[Sample]:
-    return sorted(samples, key=lambda s: (_rank(salt, dataset.content_hash(s)), s.ref))
+    return sorted(samples, key=lambda s: (content_rank(salt, dataset.content_hash(s)), s.ref))
 
 
 def holdout_test(dataset: ImageDataset, fraction: float) -> tuple[list[Sample], list[Sample]]:

@@ -26,7 +26,7 @@ from typing import Any
 from calibprompt.demo.config import load_demo_config, parse_seeds, resolve_dataset, write_splits
 from calibprompt.demo.report import draw_figures, format_paired, format_table, summarise, write_per_seed, write_report
 from calibprompt.reporting.stats import paired_differences
-from calibprompt.settings import atomic_write_json, cache_dir
+from calibprompt.settings import atomic_write_json, cache_dir, slug
 
 STATE_FILE = "demo_state.json"
 RUN_THREADS = 1  # torch threads during the prompt-tuning runs
@@ -182,7 +182,7 @@ def _runs(cfg: dict, out: Path, ds, data_cfg: dict, model_dir: Path, seeds: list
                 base.update({"seed": seed, "split_file": str(split_files[seed]), "backbone": {"path": str(model_dir)},
                              "data": data_cfg, "method": copy.deepcopy(entry["method"]),
                              "name": f"{entry['label']} · {ds.name} · seed {seed}"})
-                folder = runs_root / _slug(entry["label"]) / f"seed{seed}"
+                folder = runs_root / slug(entry["label"]) / f"seed{seed}"
                 # "<method>+ts" evaluates the head its base method fitted on the same seed (same split, same
                 # settings) with a temperature fitted on the validation shots: no second training.
                 with warnings.catch_warnings(record=True) as caught:
@@ -246,10 +246,6 @@ def _reset_if_stale(out: Path, state: dict, runs_root: Path) -> None:
     if old != json.loads(json.dumps(state)) and runs_root.exists():
         shutil.rmtree(runs_root)
     atomic_write_json(path, state)
-
-
-def _slug(label: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-").replace("--", "-").replace("--", "-")
 
 
 def _label_of(methods: list[dict], name: str | None) -> str | None:

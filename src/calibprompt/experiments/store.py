@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import os
 import socket
 from pathlib import Path
@@ -253,16 +252,6 @@ def _jsonable(obj: Any) -> Any:
     database accepts them in JSON columns)."""
     if obj is None:
         return None
-    from calibprompt.settings import _json_default
+    from calibprompt.settings import _json_default, strict_json
 
-    return _finite(json.loads(json.dumps(obj, default=_json_default)))
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
+    return strict_json(json.loads(json.dumps(obj, default=_json_default)))

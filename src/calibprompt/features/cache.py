@@ -59,18 +59,6 @@ class FeatureCache:
         return self.prefetch(backbone, dataset, [(samples, view)], aug_seed=aug_seed, batch_size=batch_size,
                              progress=progress)[0]
 
-    def view_bank(self, backbone: Backbone, dataset, samples: Sequence, n_views: int,
-                  aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """(N, n_views, embed_dim) features of ``n_views`` augmented views of each sample.
-
-        All missing (image, view) pairs share one stream of full batches, so only the last batch is
-        padded (not one batch per view)."""
-        views = self.prefetch(backbone, dataset, [(samples, v) for v in range(n_views)], aug_seed=aug_seed,
-                              batch_size=batch_size, progress=progress)
-        if not views:
-            return torch.empty(len(samples), 0, backbone.info.embed_dim)
-        return torch.stack(views, dim=1)
-
     def run_features(self, backbone: Backbone, dataset, eval_sets: Sequence[Sequence], train: Sequence = (),
                      n_views: int | None = None, aug_seed: int = 0, batch_size: int = 32,
                      progress: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, ClassVar
 import torch
 import torch.nn.functional as F
 
-CONVENTIONS = ("standard", "reference")
+from calibprompt.settings import CONVENTIONS
 
 #: The optional inputs a loss may need, with the text used in error messages.
 INPUT_DOCS: dict[str, str] = {

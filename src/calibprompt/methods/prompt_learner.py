@@ -101,10 +101,7 @@ class PromptLearner(nn.Module):
     def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None) -> torch.Tensor:
         """L2-normalised class features (K, embed_dim) for the current context."""
         embeddings, ids = self(ctx)
-        feats = backbone.encode_embeddings(embeddings, self._pooling_ids(ids))
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
-
-    def _pooling_ids(self, ids: torch.Tensor) -> torch.Tensor:
         # Pooling and masks depend only on where real tokens are; moving the class tokens (front/middle)
-        # keeps every sequence's length and its end-token position, so the original ids serve.
-        return ids
+        # keeps every sequence's length and its end-token position, so the prompt's own ids serve.
+        feats = backbone.encode_embeddings(embeddings, ids)
+        return torch.nn.functional.normalize(feats.float(), dim=-1)

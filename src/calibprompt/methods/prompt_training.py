@@ -228,7 +228,7 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
             for chunk in chunks:
                 pieces = [learners[c]() for c in chunk]
                 embeddings = torch.cat([emb for emb, _ in pieces])
-                ids = torch.cat([learners[c]._pooling_ids(ids) for c, (_, ids) in zip(chunk, pieces)])
+                ids = torch.cat([ids for _, ids in pieces])
                 text = F.normalize(backbone.encode_embeddings(embeddings, ids).float(), dim=-1)
                 text = text.view(len(chunk), first.n_classes, -1)
                 total = None
@@ -272,6 +272,6 @@ def batched_text_features(backbone: Backbone, learners: Sequence[PromptLearner],
         chunk = learners[i : i + per_pass]
         pieces = [learner() for learner in chunk]
         embeddings = torch.cat([emb for emb, _ in pieces])
-        ids = torch.cat([learner._pooling_ids(ids) for learner, (_, ids) in zip(chunk, pieces)])
+        ids = torch.cat([ids for _, ids in pieces])
         out.append(F.normalize(backbone.encode_embeddings(embeddings, ids).float(), dim=-1).view(len(chunk), k, -1))
     return torch.cat(out)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 import numpy as np
 from scipy.special import softmax
 
-CONVENTIONS = ("standard", "reference")
+from calibprompt.settings import CONVENTIONS  # noqa: F401 - re-exported
 CLOSED_SIDES = ("left", "right")
 INPUT_KINDS = ("logits", "probs")
 

@@ -3,12 +3,12 @@ downstream pool (the demo's few-shot shots), never the test split."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Sequence
 
 import torch
 
 from calibprompt.data.medmnist_files import find_medmnist
+from calibprompt.data.splits import content_rank
 from calibprompt.pretrain.captions import task_text
 
 
@@ -16,10 +16,6 @@ def medmnist_data_cfg(flag: str, download: bool = True, quiet: bool = False) -> 
     """The ``data:`` section for MedMNIST subset ``flag`` with the micro model's zero-shot template."""
     return {"source": "medmnist", "path": str(find_medmnist(flag, download, quiet)), "name": flag,
             "template": task_text(flag).zero_shot}
-
-
-def _rank(salt: str, digest: str) -> str:
-    return hashlib.sha256(f"calibprompt/{salt}/{digest}".encode()).hexdigest()
 
 
 def train_part(dataset) -> list:
@@ -48,7 +44,7 @@ def downstream_pool(dataset) -> list:
     train = train_part(dataset)
     for label in range(dataset.num_classes):
         members = sorted((s for s in train if s.label == label),
-                         key=lambda s: (_rank("micro-reserve", dataset.content_hash(s)), s.ref))
+                         key=lambda s: (content_rank("micro-reserve", dataset.content_hash(s)), s.ref))
         pool += members[: reserve_size(len(members))]
     return pool
 
@@ -70,6 +66,6 @@ def _subsample(dataset, samples: list, cap: int) -> list:
     out = []
     for label in range(dataset.num_classes):
         members = sorted((s for s in samples if s.label == label),
-                         key=lambda s: (_rank("micro-subsample", dataset.content_hash(s)), s.ref))
+                         key=lambda s: (content_rank("micro-subsample", dataset.content_hash(s)), s.ref))
         out += members[:cap]
     return out

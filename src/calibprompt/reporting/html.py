@@ -16,7 +16,6 @@ from __future__ import annotations
 import html
 import io
 import math
-import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from calibprompt.reporting.tables import (
     latex,
     markdown,
 )
-from calibprompt.settings import atomic_write_bytes, atomic_write_text
+from calibprompt.settings import atomic_write_bytes, atomic_write_text, slug
 
 
 def _figure(**kwargs):
@@ -100,11 +99,6 @@ def pooled_reliability(group: Group, path: Path) -> bool:
     return True
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")[:80] or "x"
-
-
-# ------------------------------------------------------------------------------------------- html
 def html_report(tables: list[Table], collection: Collection, figures: dict[str, Any]) -> str:
     e = html.escape
     sweep = collection.sweep
@@ -187,7 +181,7 @@ def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: 
             figures["ece_accuracy"].append((shots, rel))
     if diagrams:
         for i, g in enumerate(collection.groups):
-            rel = f"figures/reliability/{i:03d}_{_slug(f'{g.shots}shot_{g.backbone}_{g.dataset}_{g.row}')}.png"
+            rel = f"figures/reliability/{i:03d}_{slug(f'{g.shots}shot_{g.backbone}_{g.dataset}_{g.row}')}.png"
             if g.run_dirs and pooled_reliability(g, target / rel):
                 figures["reliability"].append(((g.shots, g.backbone, g.dataset), rel, g.row))
     atomic_write_text(paths["html"], html_report(tables, collection, figures))

@@ -1,0 +1,1 @@
+"""Benchmarks (scripts; not part of the installed package)."""
