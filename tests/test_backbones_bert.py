@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from calibprompt.backbones import WeightsError
-from calibprompt.backbones.open_clip_model import OpenClipBackbone, random_open_clip_backbone
+from calibprompt.backbones.open_clip_model import OpenClipBackbone
+from tests.random_models import random_open_clip_backbone
 from calibprompt.backbones.openai_format import UNIMED_TEXT_CFG, unimed_state_dict
-from calibprompt.backbones.random_init import write_bert_text_dir
+from tests.random_models import write_bert_text_dir
 from calibprompt.backbones.registry import load_backbone
 from calibprompt.methods.prompt_learner import PromptLearner
 from tests.conftest import require_shared

@@ -29,7 +29,7 @@ VIT_B32_PARAMS = 151_277_313  # OpenAI CLIP ViT-B/32
 def folders(tmp_path_factory):
     """plip: model.safetensors, legacy eos_token_id 2 (the real file). pubmedclip: pytorch_model.bin,
     with the config's eos_token_id set to 49407 so the 'first eos' pooling rule is exercised too."""
-    from calibprompt.backbones.hf_clip import write_random_hf_clip
+    from tests.random_models import write_random_hf_clip
     from calibprompt.backbones.weights import read_state_dict
 
     config = require_shared("configs/plip/config.json")

@@ -31,7 +31,7 @@ MEDCLIP_PARAMS = 136_616_059  # Swin-T 27,519,354 + Bio_ClinicalBERT 108,310,272
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    from calibprompt.backbones.medclip import write_random_medclip
+    from tests.random_models import write_random_medclip
 
     tokenizer = require_shared("configs/bio_clinicalbert_tokenizer/vocab.txt").parent
     folder = tmp_path_factory.mktemp("medclip") / "medclip-vit"
@@ -172,7 +172,7 @@ def test_strict_loading_lists_missing_and_unexpected_keys(loaded):
 
 
 def test_wrong_tokenizer_or_missing_tokenizer_is_named(files, tmp_path):
-    from calibprompt.backbones.random_init import write_standin_wordpiece_vocab
+    from tests.random_models import write_standin_wordpiece_vocab
 
     write_standin_wordpiece_vocab(tmp_path / "vocab.txt", 30522)
     with pytest.raises(WeightsError, match="30522 entries.*28996"):

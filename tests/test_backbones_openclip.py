@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from calibprompt.backbones import WeightsError
-from calibprompt.backbones.open_clip_model import random_open_clip_backbone
+from tests.random_models import random_open_clip_backbone
 from calibprompt.backbones.openai_format import load_openai, openai_state_dict
 from calibprompt.backbones.registry import load_backbone
 from calibprompt.methods.prompt_learner import PromptLearner

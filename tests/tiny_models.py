@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from calibprompt.backbones.random_init import write_bert_text_dir, write_random_open_clip
+from tests.random_models import write_bert_text_dir, write_random_open_clip
 
 VISION = {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8}
 TINY_CLIP = {"embed_dim": 32, "vision_cfg": VISION,

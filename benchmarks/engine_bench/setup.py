@@ -15,7 +15,7 @@ def build_biomedclip(workdir: Path):
     weights, stand-in 30,522-entry WordPiece vocabulary (NOT PubMedBERT's), built in memory."""
     from calibprompt.backbones.open_clip_model import OpenClipBackbone, build_open_clip
     from calibprompt.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
-    from calibprompt.backbones.random_init import write_bert_text_dir
+    from tests.random_models import write_bert_text_dir
     from calibprompt.settings import shared_file
 
     clip_cfg = json.loads(shared_file("configs/biomedclip/open_clip_config.json").read_text())

@@ -190,17 +190,3 @@ class HFClipBackbone(Backbone):
 def _preprocessor_config(folder: Path) -> dict:
     path = folder / "preprocessor_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_random_hf_clip(folder: str | Path, config_path: str | Path, tokenizer_dir: str | Path,
-                         seed: int = 0, weights_name: str = "model.safetensors") -> Path:
-    """An architecture-exact, randomly initialised ``CLIPModel`` from a real ``config.json``, saved in
-    the hub format with the given tokenizer files (tests, CI, benchmarks)."""
-    from transformers import CLIPConfig, CLIPModel
-
-    config = CLIPConfig.from_dict(json.loads(Path(config_path).read_text()))
-    model = random_fill_(build_empty(lambda: CLIPModel(config)), seed=seed)
-    model.logit_scale.data.fill_(float(config.logit_scale_init_value))
-    tokenizer = clip_tokenizer(tokenizer_dir, int(config.text_config.max_position_embeddings))
-    backbone = HFClipBackbone(model.eval(), tokenizer, Preprocess(), name=Path(folder).name)
-    return backbone.save_dir(folder, weights_name=weights_name, config_path=config_path, tokenizer_dir=tokenizer_dir)

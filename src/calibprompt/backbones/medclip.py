@@ -263,11 +263,3 @@ class MedClipBackbone(Backbone):
     @property
     def logit_scale(self) -> torch.Tensor:
         return self.model.logit_scale.detach().clamp(0, MAX_LOGIT_SCALE).exp()
-
-
-def write_random_medclip(path: str | Path, tokenizer_dir: str | Path, seed: int = 0) -> Path:
-    """An architecture-exact, randomly initialised MedCLIP-ViT saved as the published
-    ``pytorch_model.bin`` (key names and extra buffers included). Tests, CI and benchmarks only."""
-    model = random_fill_(build_empty(MedCLIPModel), seed=seed)
-    model.logit_scale.data.fill_(math.log(1 / 0.07))
-    return MedClipBackbone(model.eval(), bert_tokenizer(tokenizer_dir)).save_published(path)

@@ -316,22 +316,3 @@ class OpenClipBackbone(Backbone):
 def _image_size(model_cfg: dict) -> int:
     size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
-
-
-def random_open_clip_backbone(model_cfg: dict, name: str, text_dir: str | Path | None = None, seed: int = 0,
-                              logit_scale: float = 100.0, preprocess_cfg: dict | None = None) -> OpenClipBackbone:
-    """An architecture-exact open_clip model with fast seeded random weights (tests, CI, benchmarks).
-
-    ``model_cfg`` is kept as given (e.g. BiomedCLIP's hub names), so :meth:`OpenClipBackbone.save_dir`
-    writes the real config; ``text_dir`` only supplies the BERT config and tokenizer while building."""
-    import math
-
-    from calibprompt.backbones.loading import random_fill_
-
-    model = random_fill_(build_open_clip(model_cfg, None if text_dir is None else str(text_dir), empty=True), seed)
-    model.logit_scale.data.fill_(math.log(logit_scale))
-    pre = preprocess_cfg or {}
-    preprocess = Preprocess(image_size=_image_size(model_cfg), mean=tuple(pre.get("mean", CLIP_MEAN)),
-                            std=tuple(pre.get("std", CLIP_STD)))
-    return OpenClipBackbone(model, model_cfg, preprocess, name=name,
-                            text_dir=None if text_dir is None else str(text_dir), source="random")
