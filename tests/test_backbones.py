@@ -14,8 +14,9 @@ import torch
 from PIL import Image
 
 from calibprompt.backbones import WeightsError
+from calibprompt.backbones import load_backbone
 from calibprompt.backbones.registry import (
-    BACKBONE_KEYS, BACKBONES, SWITCHES, get_entry, list_backbones, load_backbone, resolve_switches,
+    BACKBONE_KEYS, BACKBONES, SWITCHES, get_entry, list_backbones, resolve_switches,
 )
 from calibprompt.methods.prompt_learner import PromptLearner
 

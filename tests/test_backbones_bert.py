@@ -21,7 +21,7 @@ from calibprompt.backbones.open_clip_model import OpenClipBackbone
 from tests.random_models import random_open_clip_backbone
 from calibprompt.backbones.openai_format import UNIMED_TEXT_CFG, unimed_state_dict
 from tests.random_models import write_bert_text_dir
-from calibprompt.backbones.registry import load_backbone
+from calibprompt.backbones import load_backbone
 from calibprompt.methods.prompt_learner import PromptLearner
 from tests.conftest import require_shared
 from tests.test_backbones import (  # noqa: F401 - hub_offline is an autouse fixture

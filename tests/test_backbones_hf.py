@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from calibprompt.backbones import WeightsError
-from calibprompt.backbones.registry import load_backbone
+from calibprompt.backbones import load_backbone
 from calibprompt.methods.prompt_learner import PromptLearner
 from tests.conftest import require_shared
 from tests.test_backbones import (  # noqa: F401 - hub_offline is an autouse fixture

@@ -16,7 +16,7 @@ import torch
 from calibprompt.backbones import WeightsError
 from tests.random_models import random_open_clip_backbone
 from calibprompt.backbones.openai_format import load_openai, openai_state_dict
-from calibprompt.backbones.registry import load_backbone
+from calibprompt.backbones import load_backbone
 from calibprompt.methods.prompt_learner import PromptLearner
 from tests.conftest import require_shared
 from tests.test_backbones import (  # noqa: F401 - hub_offline is an autouse fixture

@@ -1,6 +1,7 @@
 """Med-VLM backbones behind one interface (:class:`Backbone`), and the registry that builds them."""
 
 from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
-from calibprompt.backbones.registry import BACKBONE_KEYS, list_backbones, load_backbone
+from calibprompt.backbones.factory import load_backbone
+from calibprompt.backbones.registry import BACKBONE_KEYS, list_backbones
 
 __all__ = ["Backbone", "BackboneInfo", "WeightsError", "BACKBONE_KEYS", "list_backbones", "load_backbone"]

@@ -6,6 +6,9 @@ Each recipe writes into a hidden staging folder that is renamed into place only 
 Afterwards the output is hashed: test images whose bytes also occur in train (and, where the raw
 data says so, patients or slides present in both splits) are counted, warned about and recorded
 in ``prepare.json``. Where the official scripts are only partly reproducible the recipe says so.
+
+Why this module is long: one recipe per paper dataset (five), each a short function, plus the shared
+copy/convert/verify steps they use; splitting them would scatter the recipes the docs describe together.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Order of the layers that make one run config (later wins)::
 
 ``method.<param>`` keys in ``sweep``, ``cells`` and ``hparams`` apply only to methods that take
 ``<param>`` (so ``sweep: {method.alpha: [...]}`` multiplies the CalibPrompt runs, not the CoOp-CE ones).
+
+Why this module is long: it is the whole grid file format -- every key's parsing and error message,
+the layering above, presets and the tuned-hyper-parameter file it reads -- kept in one place so that a
+reader of a grid error finds the rule that raised it next to the others.
 """
 
 from __future__ import annotations
