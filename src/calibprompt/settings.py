@@ -89,6 +89,20 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot serialise {type(obj).__name__} to JSON")
 
 
+def registrar(table: dict, what: str):
+    """A class decorator that adds a class to ``table`` under its ``name`` (unique, non-empty): the one
+    way every registry of the package (methods, calibrators) is filled."""
+
+    def register(cls):
+        if not getattr(cls, "name", "") or cls.name in table:
+            raise ValueError(f"{what} class {cls.__name__} needs a unique name (got {getattr(cls, 'name', '')!r})")
+        table[cls.name] = cls
+        return cls
+
+    register.__doc__ = f"Class decorator: add a {what} class to the registry under ``cls.name``."
+    return register
+
+
 def slug(text: str, max_len: int = 80) -> str:
     """A file-name-safe form of a label: lower case, runs of other characters as one "-"."""
     import re

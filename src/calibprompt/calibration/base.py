@@ -1,18 +1,8 @@
-"""Post-hoc calibrators fitted on validation logits (sklearn-like: ``fit`` / ``transform``).
-
-| name   | what                                                   | keeps argmax (accuracy)? |
-|--------|--------------------------------------------------------|--------------------------|
-| ts     | temperature scaling: z / T, T by NLL (float64)         | yes (T > 0)              |
-| zs-ts  | temperature fitted on one dataset, saved, reused       | yes                      |
-| vs     | vector scaling: w ⊙ z + b per class, by NLL            | no (the bias can flip)   |
-| hb     | histogram binning (top-label or one-vs-rest)           | no                       |
-| iso    | isotonic regression one-vs-rest, then renormalised     | no                       |
-
-``transform`` returns logits: scaled logits for ts/zs-ts/vs, log-probabilities for hb/iso, so that
-softmax of the output is the calibrated probability in every case. Inputs may be numpy arrays or torch
-tensors; the output is float64 of the same kind (a torch output lives on the input's device).
-Every fitted calibrator can be saved to JSON (``save``) and restored (``load_calibrator``).
-"""
+"""The Calibrator base class (input validation, fit/transform plumbing, JSON save and load) and the
+registry. ``transform`` returns logits: scaled logits for the scaling calibrators, log-probabilities for
+the binning ones, so softmax of the output is the calibrated probability in every case. Inputs may be
+numpy arrays or torch tensors; the output is float64 of the same kind (a torch output lives on the
+input's device). The calibrators themselves: ``calibprompt.calibration`` (a table of all five)."""
 
 from __future__ import annotations
 
@@ -24,7 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 from scipy.special import logsumexp, softmax
 
-from calibprompt.settings import atomic_write_json
+from calibprompt.settings import atomic_write_json, registrar
 
 
 
@@ -160,14 +150,7 @@ class Calibrator:
 
 # --------------------------------------------------------------------------- registry
 CALIBRATORS: dict[str, type[Calibrator]] = {}
-
-
-def register_calibrator(cls: type[Calibrator]) -> type[Calibrator]:
-    """Class decorator: add a Calibrator subclass to the registry under ``cls.name``."""
-    if not cls.name or cls.name in CALIBRATORS:
-        raise ValueError(f"calibrator class {cls.__name__} needs a unique name (got {cls.name!r})")
-    CALIBRATORS[cls.name] = cls
-    return cls
+register_calibrator = registrar(CALIBRATORS, "calibrator")
 
 
 def get_calibrator(name: str, **params: Any) -> Calibrator:

@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from calibprompt.methods.heads import Head
+from calibprompt.settings import registrar
 
 
 @dataclass
@@ -134,14 +135,7 @@ class Method:
 
 
 METHODS: dict[str, type[Method]] = {}
-
-
-def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a Method subclass to the registry under ``cls.name``."""
-    if not cls.name or cls.name in METHODS:
-        raise ValueError(f"method class {cls.__name__} needs a unique name (got {cls.name!r})")
-    METHODS[cls.name] = cls
-    return cls
+register_method = registrar(METHODS, "method")
 
 
 def get_method_class(name: str) -> type[Method]:
