@@ -112,11 +112,11 @@ def test_bad_inputs_raise():
 # ----------------------------------------------------------------------------------------- conventions
 @pytest.mark.parametrize("name", [n for n in OFFICIAL_NAMES if n not in ("MMCE", "MBLS")])
 def test_reference_equals_standard_where_the_official_code_is_textbook(name):
-    args = _inputs(seed=3)
+    args = _inputs(seed=3)  # unit-norm text features: AS and moment matching agree there too
     std = _call(get_loss(name), *args)
     ref = _call(get_loss(name, convention="reference"), *args)
-    assert torch.allclose(std, ref, atol=0, rtol=0)
-    assert not get_loss(name).reference_note
+    assert torch.allclose(std, ref, atol=1e-12, rtol=0)
+    assert bool(get_loss(name).reference_note) == (name in ("AS", "TEXT_MOMENT_MATCHING"))
 
 
 @pytest.mark.parametrize("name", ["MMCE", "MBLS"])

@@ -2,7 +2,9 @@
 AS, text moment matching, C-TPT dispersion, O-TPT orthogonality, KgCoOp.
 
 Rows are re-normalised to unit length before use. That is a no-op on the L2-normalised features the
-trainer passes, and it keeps the losses defined as functions of cosines if a caller forgets.
+trainer passes, and it keeps the losses defined as functions of cosines if a caller forgets. Under
+``convention="reference"`` AS and text moment matching use the features exactly as given, as the
+official functions do (the two agree on unit-norm features).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ class AngularSeparation(Loss):
 
     L_AS = (1/(K(K−1))) Σ_{k≠j} cos(t_k, t_j) = (K‖μ‖² − 1)/(K − 1), μ = mean_k t_k.
     K = 2: L_AS = cos(t_0, t_1). Range [−1/(K−1) (regular simplex), 1 (identical prototypes)].
+    Under ``convention="reference"`` the features are used exactly as given (the official function
+    does not re-normalise rows, so for unnormalised inputs it is a mean dot product).
     """
 
     name = "AS"
@@ -30,10 +34,12 @@ class AngularSeparation(Loss):
     formula = "(1/(K(K-1))) sum_{k!=j} cos(t_k, t_j)"
     needs = frozenset({"text_features"})
     uses_logits = False
+    reference_note = "rows used as given (no re-normalisation): equal to standard on unit-norm features"
 
     def compute(self, x: LossInputs) -> torch.Tensor:
         k = x.num_classes
-        return _gram_off_diagonal(unit_rows(x.text_features)).sum() / (k * (k - 1))
+        t = x.text_features if self.convention == "reference" else unit_rows(x.text_features)
+        return _gram_off_diagonal(t).sum() / (k * (k - 1))
 
 
 class TextMomentMatching(Loss):
@@ -45,6 +51,7 @@ class TextMomentMatching(Loss):
 
     name = "TEXT_MOMENT_MATCHING"
     default_weight = 5.0
+    reference_note = "features used as given (no re-normalisation): equal to standard on unit-norm features"
     kind = "text"
     formula = "||mu_T - mu_T0||^2 + ||Sigma_T - Sigma_T0||_F^2"
     needs = frozenset({"text_features", "zs_text_features"})
@@ -57,8 +64,11 @@ class TextMomentMatching(Loss):
         return mu, centred.T @ centred / t.shape[0]
 
     def compute(self, x: LossInputs) -> torch.Tensor:
-        mu, cov = self._moments(unit_rows(x.text_features))
-        mu0, cov0 = self._moments(unit_rows(x.zs_text_features))
+        t, t0 = x.text_features, x.zs_text_features
+        if self.convention == "standard":
+            t, t0 = unit_rows(t), unit_rows(t0)
+        mu, cov = self._moments(t)
+        mu0, cov0 = self._moments(t0)
         return (mu - mu0).pow(2).sum() + (cov - cov0).pow(2).sum()
 
 
