@@ -124,14 +124,67 @@ def _is_open(prefix: str) -> bool:
     return prefix.split(".")[0] in OPEN_SECTIONS if prefix else False
 
 
+#: type and range of every key of the closed sections: (kind, low, high); kind is "int", "float", "bool",
+#: "str" or a tuple of choices; a low bound written as "(0" excludes it; null only where the default is
+SCHEMA: dict[str, tuple] = {
+    "seed": ("int", 0, None), "shots": ("int", 1, None), "val_shots": ("int", 0, None),
+    "prompt.n_ctx": ("int", 1, None), "prompt.init": ("str", None, None),
+    "prompt.position": (("end", "middle", "front"), None, None), "prompt.csc": ("bool", None, None),
+    "prompt.init_std": ("float", "(0", None),
+    "train.epochs": ("int", 1, None), "train.batch_size": ("int", 1, None), "train.lr": ("float", "(0", None),
+    "train.momentum": ("float", 0, 1), "train.weight_decay": ("float", 0, None),
+    "train.warmup_epochs": ("int", 0, None), "train.warmup_lr": ("float", 0, None),
+    "train.optimizer": (("sgd", "adam"), None, None), "train.drop_last": ("bool", None, None),
+    "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
+    "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None),
+    "device": ("str", None, None), "name": ("str", None, None),
+}
+_KINDS = {"int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+          "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+          "bool": ("true or false", lambda v: isinstance(v, bool)), "str": ("a string", lambda v: isinstance(v, str))}
+
+
+def _lookup(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def check_types(cfg: dict) -> None:
+    """Every closed-section value has its type and range, else one ConfigError naming each bad key.
+    Integers are integers: ``shots: 2.5`` or ``epochs: ten`` are errors, never silently truncated."""
+    problems = []
+    for dotted, (kind, low, high) in SCHEMA.items():
+        value = _lookup(cfg, dotted)
+        if value is None:
+            if _lookup(DEFAULTS, dotted) is not None:
+                problems.append(f"{dotted}: null is not allowed (default {_lookup(DEFAULTS, dotted)!r})")
+        elif isinstance(kind, tuple):
+            if value not in kind:
+                problems.append(f"{dotted}: {value!r} is not one of {', '.join(map(repr, kind))}")
+        elif not _KINDS[kind][1](value):
+            problems.append(f"{dotted}: {value!r} is not {_KINDS[kind][0]}")
+        elif low is not None or high is not None:
+            above = low is None or (value > float(low[1:]) if isinstance(low, str) else value >= low)
+            if not above or (high is not None and value > high):
+                bound = (f"> {low[1:]}" if isinstance(low, str) else f">= {low}") if low is not None else ""
+                if high is not None:
+                    bound += (" and " if bound else "") + f"<= {high}"
+                problems.append(f"{dotted}: {value!r} is out of range (must be {bound})")
+    if problems:
+        raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
+
+
 def resolve(cfg: dict) -> dict:
     """Fill in what the config leaves to presets: the method's losses and post-hoc step, and the
-    backbone's warm-up lr. The result is what gets hashed and recorded."""
+    backbone's warm-up lr. Every key is checked here, before any data or model is loaded. The result is
+    what gets hashed and recorded."""
     from dataclasses import replace
 
     from calibprompt.methods import posthoc_suffixes, resolve_method
     from calibprompt.methods.presets import normalise_losses
 
+    check_types(cfg)
     out = copy.deepcopy(cfg)
     method = dict(out["method"])
     name = method.pop("name", None)
@@ -174,6 +227,12 @@ def resolve(cfg: dict) -> dict:
     from calibprompt.data import check_data_config
 
     check_data_config(out["data"])  # unknown data keys fail before any model is loaded
+    from calibprompt.backbones.registry import check_backbone_config
+
+    try:
+        check_backbone_config(out["backbone"])  # so do unknown backbone keys and values
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if out["train"]["warmup_lr"] is None:
         out["train"]["warmup_lr"] = backbone_default(out["backbone"], "warmup_lr", 1e-5)
     return out

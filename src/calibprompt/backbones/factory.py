@@ -15,7 +15,7 @@ from calibprompt.backbones.registry import (
     FORMATS,
     HUB_FILES,
     BackboneEntry,
-    _validate,
+    check_backbone_config,
     get_entry,
     resolve_switches,
 )
@@ -70,7 +70,7 @@ def load_backbone(cfg: dict) -> Backbone:
     what to download and to set ``backbone.path``. Weights load strictly: missing or unexpected keys are
     an error that lists them. ``backbone.info.extra`` records the resolved switches and the source."""
     cfg = {k: v for k, v in dict(cfg).items() if v is not None}
-    _validate(cfg)
+    check_backbone_config(cfg)
     name = cfg.get("name")
     entry = BACKBONES.get(name) if name else None
     if name and entry is None and not cfg.get("path"):

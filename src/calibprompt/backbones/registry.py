@@ -199,7 +199,10 @@ def get_entry(name: str) -> BackboneEntry:
 
 
 # ---- config validation and switch resolution -----------------------------------------------------
-def _validate(cfg: dict) -> None:
+def check_backbone_config(cfg: dict) -> None:
+    """Unknown keys, invalid switch values and an unknown model name (with nothing else to load) are
+    errors naming the key and the valid choices; called by config resolution before any work."""
+    cfg = {k: v for k, v in dict(cfg).items() if v is not None}
     unknown = sorted(set(cfg) - set(BACKBONE_KEYS))
     if unknown:
         raise ValueError(f"unknown backbone key(s) {unknown}; valid keys: {sorted(BACKBONE_KEYS)}")
@@ -212,6 +215,8 @@ def _validate(cfg: dict) -> None:
     for key in ("double_embedding", "allow_random"):
         if cfg.get(key) is not None and not isinstance(cfg[key], bool):
             raise ValueError(f"backbone.{key} = {cfg[key]!r}; expected true or false")
+    if cfg.get("name") and cfg["name"] not in BACKBONES and not cfg.get("path") and not cfg.get("hub_id"):
+        get_entry(cfg["name"])  # raises: unknown name and nothing else to load
 
 
 def resolve_switches(cfg: dict, family: str, entry: BackboneEntry | None) -> dict:
