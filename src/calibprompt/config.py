@@ -60,8 +60,16 @@ _Loader.add_implicit_resolver(
 )
 
 
-def yaml_load(text: str):
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+def yaml_load(text: str, source: str = "YAML"):
+    """Safe YAML (no Python tags). Syntax errors and unsafe tags are a ConfigError naming the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark is not None else source
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML for calibprompt ({what}); only plain YAML values are "
+                          "allowed (no !!python tags)") from None
 
 
 class ConfigError(ValueError):
@@ -76,7 +84,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml_load(path.read_text()) or {}
+        loaded = yaml_load(path.read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
         loaded.pop("resolved_method", None)  # derived by resolve(); present in a run's own config.yaml

@@ -116,7 +116,19 @@ def load_backbone(cfg: dict) -> Backbone:
     extra = {**backbone.info.extra, **switches, "format": fmt, "registry": entry.name if entry else None,
              "hub_id": hub_id, "weights": backbone.info.source, "random_weights": _is_random(backbone)}
     backbone.info = dataclasses.replace(backbone.info, extra=extra)
+    check_finite(backbone, label)
     return backbone
+
+
+def check_finite(backbone: Backbone, source: str) -> None:
+    """NaN or infinite weights are an error naming the tensor, before any work (not "bad samples" later)."""
+    import torch
+
+    for name, tensor in list(backbone.named_parameters()) + list(backbone.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise WeightsError(f"{source}: weight tensor {name!r} holds {bad} NaN or infinite value(s) of "
+                               f"{tensor.numel()}; the checkpoint is damaged: download it again")
 
 
 @dataclass(frozen=True)

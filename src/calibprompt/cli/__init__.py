@@ -1,14 +1,25 @@
 """The ``calibprompt`` command. Each command group lives in its own module with a
-``register(subparsers)`` function that adds its sub-commands and sets ``func`` on them."""
+``register(subparsers)`` function that adds its sub-commands and sets ``func`` on them.
+
+Exit codes: 0 success; 1 a run-time failure (a disk that is full or read-only, an error inside a
+library); 2 a usage or input error (a bad config key or value, a missing or damaged file, a folder in
+use). Errors are one line on stderr naming the file, key or flag and the fix; ``--debug`` shows the
+traceback instead. Library warnings are shown once each as ``calibprompt: note: ...``."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import logging
 import sys
+import traceback
+import warnings
+from pathlib import Path
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = ["run", "models", "data", "experiments", "demo"]
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,10 +30,53 @@ def build_parser() -> argparse.ArgumentParser:
         description="Calibration-aware prompt learning for medical vision-language models.",
     )
     parser.add_argument("--version", action="version", version=f"calibprompt {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"calibprompt.cli.{name}").register(sub)
     return parser
+
+
+def _notes_to_stderr() -> None:
+    """Library warnings and notes as one plain line each (once per text), never a Python source line."""
+    from calibprompt.progress import note
+
+    logger = logging.getLogger("calibprompt")
+    if not any(getattr(h, "_calibprompt_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("calibprompt: note: %(message)s"))
+        handler._calibprompt_cli = True  # type: ignore[attr-defined]
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
+    warnings.showwarning = lambda message, *_args, **_kwargs: note(str(message))
+
+
+def _raised_by_us(err: BaseException) -> bool:
+    """True when the innermost frame that raised ``err`` is calibprompt's own code: a deliberate input
+    check. A ValueError from inside numpy or torch is a failure, not a user's input error."""
+    tb = err.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    return last is not None and Path(last.tb_frame.f_code.co_filename).resolve().is_relative_to(PACKAGE_DIR)
+
+
+def _one_line(err: BaseException) -> tuple[str, int]:
+    """The message and exit code for an error, or ("", 0) when it is not one we explain."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
+        where = f" {err.filename}" if err.filename else ""
+        return (f"cannot write{where}: {err.strerror}. Free space, fix the permissions or choose another "
+                "--out / CALIBPROMPT_CACHE", 1)
+    if isinstance(err, (NotADirectoryError, IsADirectoryError, FileExistsError)):
+        return str(err), 2
+    if isinstance(err, (FileNotFoundError, KeyError)):
+        return str(err), 2
+    if isinstance(err, ValueError):
+        return (str(err), 2) if _raised_by_us(err) else (
+            f"{type(err).__name__} inside a library: {err} (rerun with --debug for the traceback)", 1)
+    return "", 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,12 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _notes_to_stderr()
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        # Input errors are reported as one clear line, not a traceback.
-        print(f"calibprompt: error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 - every error becomes one line (or a traceback with --debug)
+        message, code = _one_line(err)
+        if args.debug or not message:
+            traceback.print_exc()
+            return code or 1
+        print(f"calibprompt: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

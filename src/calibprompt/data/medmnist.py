@@ -16,6 +16,7 @@ from PIL import Image
 from .base import SPLITS, DataError, ImageDataset, Sample, hash_array
 from .classes import choose_template, resolve_classnames
 from .folder import check_test_fraction
+from .images import scale_to_uint8
 
 _STEM = re.compile(r"^(?P<flag>[a-z0-9]+?)(?:_(?P<size>28|64|128|224))?$")
 
@@ -72,6 +73,8 @@ class ArrayDataset(ImageDataset):
     def __init__(self, name: str, classnames: list[str], template: str,
                  images: dict[str, np.ndarray], labels: dict[str, np.ndarray], **kwargs) -> None:
         self.images = images
+        self.modes = {split: pixel_mode(array, f"{kwargs.get('location', name)}: {split}_images")
+                      for split, array in images.items()}
         samples = [Sample(f"{split}/{i}", int(label), split)
                    for split in images for i, label in enumerate(labels[split])]
         super().__init__(name, classnames, template, samples, **kwargs)
@@ -81,13 +84,69 @@ class ArrayDataset(ImageDataset):
         return self.images[split][int(index)]
 
     def _read(self, sample: Sample) -> Image.Image:
-        array = self._array(sample)
+        array = to_uint8(self._array(sample), self.modes[sample.ref.partition("/")[0]])
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
         return Image.fromarray(np.ascontiguousarray(array)).convert("RGB")
 
     def _hash(self, sample: Sample) -> str:
         return hash_array(np.ascontiguousarray(self._array(sample)))
+
+
+def pixel_mode(array: np.ndarray, where: str) -> str:
+    """How an image array's values become 8-bit pixels, decided once per array (so one dark image is
+    not read differently from the rest):
+
+    * ``uint8`` -- as stored;
+    * ``float01`` -- floats within [0, 1]: x 255, rounded;
+    * ``float255`` -- floats within [0, 255] (some above 1): rounded;
+    * ``int255`` -- other integer types whose values lie in [0, 255]: cast;
+    * ``bits<b>`` -- non-negative integers beyond 8 bits: x 255 / (2^b - 1), b the bit depth that holds the
+      array's maximum (12-bit X-rays: b = 12; uint16 data using the full range: b = 16), so relative
+      intensities are kept across the whole array;
+    * ``range<lo>,<hi>`` -- integers with negative values: the array's own [min, max] mapped to 0..255.
+
+    (A single 16-bit image *file* has no array-wide range; ``data.images`` min-max scales it.) Floats
+    outside [0, 255], NaN or infinite values are refused, naming the array, dtype and range."""
+    if array.dtype == np.uint8:
+        return "uint8"
+    if array.dtype == np.bool_:
+        return "int255"
+    if array.size == 0:
+        return "uint8"
+    lo, hi = float(array.min()), float(array.max())
+    if np.issubdtype(array.dtype, np.floating):
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise DataError(f"{where}: {array.dtype} images hold NaN or infinite values; fix the array")
+        if lo >= 0.0 and hi <= 1.0:
+            return "float01"
+        if lo >= 0.0 and hi <= 255.0:
+            return "float255"
+        raise DataError(f"{where}: {array.dtype} images range over [{lo:g}, {hi:g}]; calibprompt reads float "
+                        "images in [0, 1] or [0, 255]. Rescale the array to one of these ranges")
+    if np.issubdtype(array.dtype, np.integer):
+        if lo >= 0 and hi <= 255:
+            return "int255"
+        return f"bits{max(8, int(hi).bit_length())}" if lo >= 0 else f"range{lo:g},{hi:g}"
+    raise DataError(f"{where}: images of dtype {array.dtype} cannot be read as pixels; use uint8, uint16 or "
+                    "float arrays")
+
+
+def to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
+    """One image as uint8 under its array's :func:`pixel_mode`."""
+    if mode == "uint8":
+        return array
+    if mode == "float01":
+        return np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
+    if mode == "float255":
+        return np.rint(array.astype(np.float64)).astype(np.uint8)
+    if mode == "int255":
+        return array.astype(np.uint8)
+    if mode.startswith("bits"):
+        full = float(2 ** int(mode[4:]) - 1)
+        return np.clip(np.rint(array.astype(np.float64) * (255.0 / full)), 0, 255).astype(np.uint8)
+    lo, hi = (float(v) for v in mode[5:].split(","))
+    return scale_to_uint8(array, lo, hi)
 
 
 def open_medmnist(cfg: dict[str, Any], where: str = "data") -> ArrayDataset:

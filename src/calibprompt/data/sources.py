@@ -49,9 +49,10 @@ def check_data_config(cfg: dict[str, Any], where: str = "data") -> dict[str, Any
             hint = f" (it applies to source {' / '.join(others)})" if others else ""
             raise DataError(f"{where}: unknown key {key!r} for source {source!r}{hint}; "
                             f"valid keys: {list(valid)}")
-    if "path" not in cfg:
-        raise DataError(f"{where}.path is required (a folder, manifest or .npz file, or the data root)")
-    if not isinstance(cfg["path"], (str, os.PathLike)):
+    if "path" not in cfg and not (source == "medmnist" and isinstance(cfg.get("name"), str)):
+        raise DataError(f"{where}.path is required (a folder, manifest or .npz file, or the data root); "
+                        "for source medmnist, name: <flag> alone also works (found or downloaded)")
+    if "path" in cfg and not isinstance(cfg["path"], (str, os.PathLike)):
         raise DataError(f"{where}.path must be a path string, got {cfg['path']!r}")
     for key in ("name", "path_column", "label_column", "split_column", "template"):
         if key in cfg and not isinstance(cfg[key], str):
@@ -73,8 +74,19 @@ def open_dataset(cfg: dict[str, Any], where: str = "data") -> ImageDataset:
     are listed in ``dataset.skipped``).
     """
     cfg = check_data_config(cfg, where)
+    if "path" not in cfg:  # MedMNIST by name: $CALIBPROMPT_DATA/medmnist, the caches, else a download
+        from .medmnist_files import find_medmnist
+
+        try:
+            cfg["path"] = str(find_medmnist(cfg["name"].lower()))
+        except FileNotFoundError as err:
+            raise DataError(str(err)) from None
     cfg["path"] = str(Path(cfg["path"]).expanduser())
-    return _openers()[cfg["source"]](cfg, where)
+    dataset = _openers()[cfg["source"]](cfg, where)
+    if len(dataset.classnames) < 2:
+        raise DataError(f"{where}: dataset {dataset.name!r} ({cfg['path']}) has {len(dataset.classnames)} class "
+                        f"({dataset.classnames}); a classifier needs at least 2. Check the class folders or labels")
+    return dataset
 
 
 def config_for_path(path: str | os.PathLike) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from calibprompt.engine.artifacts import (
 )
 from calibprompt.features import FeatureCache
 from calibprompt.methods.heads import head_bytes
+from calibprompt.progress import folder_lock, note
 from calibprompt.settings import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -29,19 +30,32 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     """Execute (or reuse) the run described by ``cfg`` and write its files to ``out_dir``.
 
     ``head_from``: evaluate a saved head (``head.safetensors``) or saved context vectors
-    (``prompt.safetensors``) instead of fitting (``calibprompt eval``)."""
-    resolved = resolve(cfg)
+    (``prompt.safetensors``) instead of fitting (``calibprompt eval``). The folder is locked while the run
+    works in it: a second process aiming at the same folder fails at once naming the holder."""
+    resolved = resolve(cfg)  # every key checked before any folder, data or model is touched
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file, not a folder; choose a folder path")
+    with folder_lock(out_dir, ".run.lock"):
+        return _run(resolved, out_dir, quiet=quiet, cache=cache, overwrite=overwrite, head_from=head_from)
+
+
+def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | None, overwrite: bool,
+         head_from: str | Path | None) -> dict:
     head_from = head_from if head_from is not None else resolved.get("head_from")
     if head_from is not None:
         resolved["resolved_method"]["trains"] = False
         resolved["head_from"] = str(head_from)
     run_hash = config_hash(resolved)
-    out_dir = Path(out_dir)
     done = finished_result(out_dir, run_hash)
     if done is not None:
-        if not quiet:
-            print(f"reusing finished run {run_hash[:12]} in {out_dir}")
-        return done
+        changed = changed_inputs(done, resolved)
+        if not changed:
+            if not quiet:
+                print(f"reusing finished run {run_hash[:12]} in {out_dir}")
+            return done
+        note(f"{out_dir}: the finished run of this config used other inputs ({changed}); running it again")
+        overwrite = True
     other = finished_result(out_dir)
     if other is not None and not overwrite:
         raise RunConflict(
@@ -116,10 +130,27 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
         "timings": timings,
         "versions": versions(device),
         "backbone_info": backbone_record(backbone),
+        "inputs": {"weights_files": pipeline._file_stamps(resolved["backbone"]), "data": dataset.fingerprint()},
         "config": resolved,
     }
     atomic_write_json(out_dir / RESULT_FILE, result)  # last: its presence marks the run finished
     return result
+
+
+def changed_inputs(done: dict, resolved: dict) -> str:
+    """What differs between the inputs a finished run recorded and the files there now: the backbone's
+    weight files (name, size, modification time) and the data (content fingerprint). The run identity
+    hashes the config, which names paths; this catches new files at the same paths. "" if nothing."""
+    recorded = done.get("inputs")
+    if not recorded:
+        return "no input fingerprints recorded (a result from an older calibprompt)"
+    changes = []
+    if [list(x) for x in pipeline._file_stamps(resolved["backbone"])] != [list(x) for x in recorded["weights_files"]]:
+        changes.append(f"weight files under {resolved['backbone'].get('path')} changed")
+    dataset, _ = pipeline.open_split(resolved)
+    if dataset.fingerprint() != recorded["data"]:
+        changes.append("images or labels of the dataset changed")
+    return "; ".join(changes)
 
 
 def _evaluate(logits: torch.Tensor, labels: np.ndarray, out_dir: Path, resolved: dict) -> tuple[dict, dict]:

@@ -114,17 +114,31 @@ class ResultStore:
     """SQLAlchemy-backed store of sweep runs (see module docstring)."""
 
     def __init__(self, url: str):
+        from sqlalchemy.exc import ArgumentError, DatabaseError, NoSuchModuleError
+
         self.url = url
         kwargs: dict[str, Any] = {}
-        parsed = make_url(url)
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise ValueError(f"--store {url!r} is not a database URL; use e.g. sqlite:///runs/results.db or "
+                             "postgresql://user@host/db") from None
         if parsed.get_backend_name() == "sqlite":
             kwargs["connect_args"] = {"timeout": 60}
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(url, **kwargs)
-        if parsed.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        try:
+            self.engine = create_engine(url, **kwargs)
+            if parsed.get_backend_name() == "sqlite":
+                event.listen(self.engine, "connect", _sqlite_pragmas)
+            metadata.create_all(self.engine)
+        except NoSuchModuleError:
+            raise ValueError(f"--store {public_url(url)}: unknown database kind {parsed.drivername!r}; use "
+                             "sqlite:///FILE or a SQLAlchemy URL whose driver is installed") from None
+        except DatabaseError as err:
+            raise ValueError(f"results store {public_url(url)} cannot be opened as a database "
+                             f"({str(err.orig).splitlines()[0] if err.orig else err}); point --store at a new "
+                             "file or a database") from None
 
     @classmethod
     def for_dir(cls, out_dir: str | Path, url: str | None = None) -> "ResultStore":
@@ -134,6 +148,13 @@ class ResultStore:
         self.engine.dispose()
 
     # ---- sweeps ---------------------------------------------------------------------------------
+    def sweep_for_dir(self, out_dir: str | Path) -> str | None:
+        """The id of the sweep recorded for this output folder, if any (the oldest one)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(sweeps.c.sweep_id).where(sweeps.c.out_dir == str(out_dir))
+                               .order_by(sweeps.c.created_at)).first()
+        return row[0] if row else None
+
     def ensure_sweep(self, sweep_id: str, name: str, out_dir: str, grid: dict | None) -> None:
         with self.engine.begin() as conn:
             row = conn.execute(select(sweeps.c.sweep_id).where(sweeps.c.sweep_id == sweep_id)).first()

@@ -16,7 +16,6 @@ config hash. A row left ``running`` by a crash, a ``failed`` row (unless --no-re
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import time
@@ -31,6 +30,7 @@ from calibprompt.experiments.grid import Grid, RunSpec
 from calibprompt.experiments.store import ResultStore, default_url, public_url
 from calibprompt.experiments.tasks import execute_run
 from calibprompt.features import FeatureCache
+from calibprompt.progress import FolderBusy, folder_lock  # noqa: F401 - FolderBusy re-exported
 from calibprompt.engine.artifacts import RESULT_FILE, finished_result
 from calibprompt.settings import atomic_write_bytes, atomic_write_json
 
@@ -56,32 +56,6 @@ class SweepSummary:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-class FolderBusy(ValueError):
-    """Another sweep (or tune) process holds the folder."""
-
-
-@contextlib.contextmanager
-def folder_lock(out_dir: Path, name: str = ".sweep.lock"):
-    """Exclusive lock on a sweep/tune folder; a second process on the same folder fails at once."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / name
-    handle = open(path, "a+")
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise FolderBusy(f"{out_dir} is in use by {holder}; wait for it to finish or use another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()
 
 
 def feature_cache_root(grid: Grid, cache_dir: str | None = None) -> str:
@@ -112,10 +86,11 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
     start = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     specs = grid.expand()  # every config is validated before anything runs
-    with folder_lock(out_dir):
+    with folder_lock(out_dir, ".sweep.lock"):
         previous = read_sweep_file(out_dir) or {}
-        sweep_id = previous.get("sweep_id") or uuid.uuid4().hex
         store = ResultStore.for_dir(out_dir, store_url)
+        # One sweep (and so one row per run) per output folder, even when sweep.json was deleted.
+        sweep_id = previous.get("sweep_id") or store.sweep_for_dir(out_dir) or uuid.uuid4().hex
         summary = SweepSummary(str(out_dir), sweep_id, public_url(store.url), planned=len(specs),
                                duplicates=grid.duplicates)
         try:

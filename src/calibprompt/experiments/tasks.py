@@ -44,7 +44,8 @@ def execute_run(payload: dict) -> dict[str, Any]:
         return {"result": run(cfg, payload["run_dir"], quiet=True, cache=cache, overwrite=True)}
     with tempfile.TemporaryDirectory(prefix="calibprompt-run-") as tmp:
         result = run(cfg, tmp, quiet=True, cache=cache)
-        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())
+                 if p.is_file() and not p.name.startswith(".")}  # not the run folder's lock files
     return {"result": result, "files": files}
 
 

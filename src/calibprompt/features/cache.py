@@ -7,8 +7,9 @@ bank of pre-computed views per image: view ``v`` of an image is the paper's rand
 drawn from an RNG seeded by (image content, v, aug_seed), so it is the same view in every run.
 
 Safety: files are written atomically (concurrent writers of the same key write identical bytes), carry
-their key in the metadata, and are validated on load (key, shape, finiteness); a bad file is recomputed.
-No pickle is ever read.
+their key and a sha256 of the feature in the metadata, and are validated on load (key, shape,
+finiteness, checksum); a bad file is recomputed with one note. A disk that cannot be written (full,
+read-only) turns the disk cache off for the process with one note; the run goes on. No pickle is read.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from calibprompt.backbones.base import Backbone
+from calibprompt.progress import note
+from calibprompt.progress import progress as make_progress
 from calibprompt.settings import cache_dir, sha256_json
 
 log = logging.getLogger(__name__)
@@ -41,6 +44,7 @@ class FeatureCache:
         self.memory: dict[str, torch.Tensor] | None = {} if memory else None
         self.encoded = 0
         self.hits = 0
+        self.writable = True  # False after a failed write (full or read-only disk)
 
     # ---- keys ---------------------------------------------------------------------------------
     @staticmethod
@@ -101,7 +105,7 @@ class FeatureCache:
         dtype = next(backbone.parameters()).dtype
         trains = {t[4] for t in todo}
         what = "augmented views" if trains == {True} else ("test images" if trains == {False} else "images")
-        bar = _progress(len(todo), f"encoding {what}", progress)
+        bar = make_progress(len(todo), f"encoding {what}", progress)
         for start in range(0, len(todo), batch_size):
             chunk = todo[start : start + batch_size]
             tensors = []
@@ -143,10 +147,15 @@ class FeatureCache:
             with safe_open(str(path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 feat = handle.get_tensor("feature")
-            if meta.get("key") != key or feat.shape != (dim,) or not bool(torch.isfinite(feat).all()):
-                raise ValueError("content does not match its key")
+            if meta.get("key") != key:
+                raise ValueError("it was stored under another key (another model, transform or image)")
+            if feat.shape != (dim,) or not bool(torch.isfinite(feat).all()):
+                raise ValueError(f"shape {tuple(feat.shape)} or values do not fit a {dim}-d feature")
+            if meta.get("sha256") != _digest(feat):
+                raise ValueError("its checksum does not match its content")
         except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
-            log.warning("discarding invalid cache entry %s (%s)", path, err)
+            note(f"feature cache: recomputing damaged entries under {self.root} (first: {path.name}: {err})")
+            log.info("discarding invalid cache entry %s (%s)", path, err)
             path.unlink(missing_ok=True)
             return None
         self.hits += 1
@@ -157,11 +166,20 @@ class FeatureCache:
     def _store(self, weights: str, key: str, feat: torch.Tensor) -> None:
         if self.memory is not None:
             self.memory[key] = feat
+        if not self.writable:
+            return
         path = self._path(weights, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(feat)}.tmp")
-        save_file({"feature": feat.contiguous()}, str(tmp), metadata={"key": key})
-        os.replace(tmp, path)  # atomic; a concurrent writer of the same key writes the same bytes
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"feature": feat.contiguous()}, str(tmp), metadata={"key": key, "sha256": _digest(feat)})
+            os.replace(tmp, path)  # atomic; a concurrent writer of the same key writes the same bytes
+        except OSError as err:
+            # The cache is an optimisation: a full or read-only disk must not fail the run.
+            tmp.unlink(missing_ok=True)
+            self.writable = False
+            note(f"feature cache: cannot write under {self.root} ({err.strerror or err}); features are kept in "
+                 "memory for this process only. Free space or set CALIBPROMPT_CACHE / cache_dir to another folder.")
 
 
 _MALLOC_TRIM: object = None  # resolved on first use: glibc's malloc_trim, or False where there is none
@@ -189,6 +207,11 @@ def _release_freed_memory() -> None:
         _MALLOC_TRIM(0)
 
 
+def _digest(feat: torch.Tensor) -> str:
+    """sha256 of a feature's float32 bytes: detects a flipped byte anywhere in a cached file."""
+    return hashlib.sha256(feat.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
 def _apply(transform, image, view_key: str | None) -> torch.Tensor:
     """Apply ``transform``; for an augmentation view, seed its randomness from the view's key so
     the same (image, view) always gives the same crop and flip, whatever process computes it."""
@@ -198,11 +221,3 @@ def _apply(transform, image, view_key: str | None) -> torch.Tensor:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return transform(image)
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from calibprompt.backbones.base import Backbone
 from calibprompt.methods.prompt_learner import PromptLearner
+from calibprompt.progress import progress as make_progress
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -106,13 +107,9 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
     views, labels = views.to(device), labels.to(device)
     result = TrainResult()
     start = time.perf_counter()
-    epochs = range(settings.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="prompt tuning", leave=False)
+    bar = make_progress(settings.epochs, "prompt tuning (epochs)", progress)
     learner.train()
-    for epoch in epochs:
+    for epoch in range(settings.epochs):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr_at(epoch)
         order = torch.randperm(n, generator=generator)
@@ -135,6 +132,10 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
             result.steps += 1
             result.text_tokens += int(learner.ids.numel())
         result.losses.append(sum(epoch_losses) / max(len(epoch_losses), 1))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     learner.eval()
     result.seconds = time.perf_counter() - start
     return result
@@ -207,16 +208,14 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
         zs_text_features = zs_text_features.to(device)
     results = [TrainResult() for _ in learners]
     start = time.perf_counter()
-    epochs = range(base.epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc=f"prompt tuning x{n_cfg}", leave=False)
+    bar = make_progress(base.epochs, f"prompt tuning x{n_cfg} (epochs)", progress)
     for learner in learners:
         learner.train()
     stop = n - n % base.batch_size if drop_last else n
     tokens_per_cfg = int(first.ids.numel())
-    for epoch in epochs:
+    for epoch in range(base.epochs):
+        if bar is not None and epoch:
+            bar.update(1)
         for optimizer, s in zip(optimizers, settings_list):
             for group in optimizer.param_groups:
                 group["lr"] = s.lr_at(epoch)
@@ -250,6 +249,9 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
                 results[c].text_tokens += tokens_per_cfg
         for c, losses in enumerate(epoch_losses):
             results[c].losses.append(sum(losses) / max(len(losses), 1))
+    if bar is not None:
+        bar.update(1)
+        bar.close()
     for learner in learners:
         learner.eval()
     share = (time.perf_counter() - start) / n_cfg

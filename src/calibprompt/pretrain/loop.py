@@ -41,6 +41,7 @@ from calibprompt.pretrain.captions import class_captions, task_text
 from calibprompt.pretrain.model import micro_model_cfg, save_model
 from calibprompt.pretrain.sources import _image_tensor, _subsample, downstream_pool, pretrain_samples
 from calibprompt.pretrain.threads import ThreadTuner
+from calibprompt.progress import progress as make_progress
 
 MAX_VAL_EVAL = 2000  # val images per dataset for the zero-shot accuracy reported while pretraining
 
@@ -312,11 +313,7 @@ def _pretrain(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pretrain
                                    f"fixed (not learned): {settings.logit_scale_start:g} rising to "
                                    f"{settings.logit_scale:g} over the first {settings.logit_scale_ramp:.0%} of the steps"))
     history: list[dict] = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="pretraining micro model", unit="step")
+    bar = make_progress(total, "pretraining micro model (steps)", progress, unit="step")
     model.train()
     losses: list[float] = []
     tuner = ThreadTuner(settings.eval_every, settings.threads)
