@@ -68,7 +68,7 @@ def test_relative_path_resolves_against_cwd(tmp_path, monkeypatch):
 
 
 def test_unknown_and_misplaced_keys(tmp_path):
-    make_tree(tmp_path, {"a": 1})
+    make_tree(tmp_path, {"a": 1, "b": 1})
     with pytest.raises(DataError, match=r"unknown key 'shots'.*valid keys: \['source', 'path'"):
         open_dataset(folder(tmp_path, shots=8))
     with pytest.raises(DataError, match="unknown key 'label_column'.*applies to source csv"):

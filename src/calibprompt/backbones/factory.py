@@ -124,9 +124,12 @@ def check_finite(backbone: Backbone, source: str) -> None:
     """NaN or infinite weights are an error naming the tensor, before any work (not "bad samples" later)."""
     import torch
 
-    for name, tensor in list(backbone.named_parameters()) + list(backbone.named_buffers()):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
+    # parameters must be finite; buffers only free of NaN (causal attention masks hold -inf by design)
+    tensors = [(n, t, torch.isfinite) for n, t in backbone.named_parameters()]
+    tensors += [(n, t, lambda x: ~torch.isnan(x)) for n, t in backbone.named_buffers()]
+    for name, tensor, ok in tensors:
+        if tensor.is_floating_point() and not bool(ok(tensor).all()):
+            bad = int((~ok(tensor)).sum())
             raise WeightsError(f"{source}: weight tensor {name!r} holds {bad} NaN or infinite value(s) of "
                                f"{tensor.numel()}; the checkpoint is damaged: download it again")
 
