@@ -81,7 +81,7 @@ def test_unknown_and_misplaced_keys(tmp_path):
         open_dataset(folder(tmp_path, template="no placeholder"))
     assert isinstance(DataError("x"), ValueError)
     # null values count as absent, so a config may spell out every key
-    assert len(open_dataset(folder(tmp_path, name=None, template=None, skip_bad=None))) == 1
+    assert len(open_dataset(folder(tmp_path, name=None, template=None, skip_bad=None))) == 2
 
 
 def test_missing_folder(tmp_path):
