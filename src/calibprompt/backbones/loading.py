@@ -135,12 +135,45 @@ def hub_snapshot(repo_id: str, how_to: str, allow_patterns: list[str] | None = N
         raise WeightsError(f"huggingface_hub is needed to fetch {repo_id!r}. {how_to}") from err
     offline = hub_offline()
     cache = os.environ.get("HF_HUB_CACHE") or None
+    if not offline:
+        try:  # the local cache first: no network when the files are already here
+            return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache,
+                                          allow_patterns=allow_patterns))
+        except Exception:  # noqa: BLE001 - not cached: ask the hub below
+            _probe_hub(repo_id, how_to)
     try:
         return Path(snapshot_download(repo_id, local_files_only=offline, cache_dir=cache,
                                       allow_patterns=allow_patterns))
     except Exception as err:  # noqa: BLE001 - any failure means: not available here
         state = "the hub is offline (HF_HUB_OFFLINE)" if offline else f"download failed ({type(err).__name__})"
         raise WeightsError(f"{repo_id!r} is not in the local Hugging Face cache and {state}. {how_to}") from err
+
+
+HUB_TIMEOUT_ENV = "CALIBPROMPT_HUB_TIMEOUT"
+
+
+def _probe_hub(repo_id: str, how_to: str) -> None:
+    """Fail fast, naming the hub and the timeout, when the hub does not answer: a server that accepts
+    connections but never replies would otherwise hold a download forever. Connect and read timeouts
+    are ``$CALIBPROMPT_HUB_TIMEOUT`` seconds (default 20)."""
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    timeout = float(os.environ.get(HUB_TIMEOUT_ENV) or 20)
+    url = f"{constants.ENDPOINT.rstrip('/')}/api/models/{repo_id}"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # the hub answered (e.g. 401/404): snapshot_download gives the precise error
+    except (urllib.error.URLError, TimeoutError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise WeightsError(
+            f"the Hugging Face hub at {constants.ENDPOINT} did not answer within {timeout:g} s for {repo_id!r} "
+            f"({reason}). Work offline: set HF_HUB_OFFLINE=1 and backbone.path to a local folder, or raise "
+            f"{HUB_TIMEOUT_ENV}. {how_to}") from None
 
 
 # ---- text path -------------------------------------------------------------------------------------

@@ -91,10 +91,32 @@ def encode(cache: FeatureCache, backbone, dataset, method: Method, resolved: dic
     """Every feature the run needs, in one encoder stream (one padded batch)."""
     views = augment_views(resolved["train"]) if method.train_views == "augmented" else None
     needs_train = fits and method.train_views != "none"
+    if views is not None and needs_train and len(train):
+        warn_small_crops(dataset, train[0], backbone.preprocess.crop_scale[0])
     evals, train_views = cache.run_features(backbone, dataset, list(eval_sets), train if needs_train else (),
                                             n_views=views, aug_seed=int(resolved["train"]["aug_seed"]),
                                             progress=progress)
     return Features(evals, train_views)
+
+
+MIN_CROP_SIDE = 32  # pixels: below this a random crop holds too little of the image to learn from
+
+
+def warn_small_crops(dataset, sample, min_scale: float) -> None:
+    """Random-resized crops keep as little as ``min_scale`` of an image's area: on small images (28-pixel
+    MedMNIST) that is a few pixels, and prompts tuned on such crops are badly underconfident on whole
+    images (docs/demo.md measured ECE ~30% on the micro model). Say so, and what to change."""
+    import math
+
+    from calibprompt.progress import note
+
+    width, height = dataset.load(sample).size
+    side = math.sqrt(min_scale) * min(width, height)
+    if side < MIN_CROP_SIDE:
+        note(f"training augmentation: random crops keep down to {min_scale:.0%} of the area of these "
+             f"{width}x{height} images, about {side:.0f}x{side:.0f} pixels, too little to learn from; prompts "
+             "tuned on them tend to be underconfident on whole images. Set train.augment: false (or use "
+             "larger images).")
 
 
 @torch.no_grad()
