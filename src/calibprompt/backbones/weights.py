@@ -19,7 +19,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:  # noqa: BLE001 - a truncated or damaged file: name it and the fix
+            raise WeightsError(f"cannot read weight file {path} ({err}); it is damaged or incomplete (an "
+                               "interrupted download?): download it again") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - re-raised with the file name and the fix

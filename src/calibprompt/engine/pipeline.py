@@ -154,8 +154,12 @@ def restore(method: Method, ctx: FitContext, path: str | Path) -> FitResult:
     """A saved head (``head.safetensors`` of any run) or CoOp context vectors (``prompt.safetensors``)."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        is_head = (handle.metadata() or {}).get("format", "").startswith("calibprompt.head")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            is_head = (handle.metadata() or {}).get("format", "").startswith("calibprompt.head")
+    except Exception as err:  # noqa: BLE001 - missing, truncated or not safetensors: name the file
+        raise ValueError(f"{path} is not a readable head or prompt file ({err}); use the head.safetensors or "
+                         "prompt.safetensors of a finished run") from None
     if is_head:
         head, _ = load_head(path, num_classes=ctx.num_classes, feature_dim=int(ctx.zs_text.shape[1]))
         return FitResult(head, {"head_from": str(path)})
