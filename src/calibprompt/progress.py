@@ -103,11 +103,13 @@ def progress(total: int, desc: str, enabled: bool = True, callback: ProgressCall
 _seen: set[str] = set()
 
 
-def note(text: str) -> None:
-    """Tell the user something once per process (repeats of the same text are dropped)."""
-    if text in _seen:
+def note(text: str, key: str | None = None) -> None:
+    """Tell the user something once per process: repeats of the same ``key`` (default: the text) are
+    dropped."""
+    key = key or text
+    if key in _seen:
         return
-    _seen.add(text)
+    _seen.add(key)
     log.warning(text)
 
 

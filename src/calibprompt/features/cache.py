@@ -151,10 +151,18 @@ class FeatureCache:
                 raise ValueError("it was stored under another key (another model, transform or image)")
             if feat.shape != (dim,) or not bool(torch.isfinite(feat).all()):
                 raise ValueError(f"shape {tuple(feat.shape)} or values do not fit a {dim}-d feature")
-            if meta.get("sha256") != _digest(feat):
+            if "sha256" not in meta:
+                raise _Legacy()
+            if meta["sha256"] != _digest(feat):
                 raise ValueError("its checksum does not match its content")
+        except _Legacy:
+            note(f"feature cache: entries under {self.root} written by an older calibprompt (no checksum) are "
+                 "recomputed once", key=f"legacy:{self.root}")
+            path.unlink(missing_ok=True)
+            return None
         except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
-            note(f"feature cache: recomputing damaged entries under {self.root} (first: {path.name}: {err})")
+            note(f"feature cache: recomputing damaged entries under {self.root} (first: {path.name}: {err})",
+                 key=f"damaged:{self.root}")
             log.info("discarding invalid cache entry %s (%s)", path, err)
             path.unlink(missing_ok=True)
             return None
@@ -205,6 +213,10 @@ def _release_freed_memory() -> None:
                 pass
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
+
+
+class _Legacy(Exception):
+    """A cache entry from before checksums were stored."""
 
 
 def _digest(feat: torch.Tensor) -> str:
