@@ -93,7 +93,7 @@ def test_hub_that_never_answers_fails_within_the_timeout(tmp_path, images):
            "CALIBPROMPT_HUB_TIMEOUT": "2", "HF_HUB_CACHE": str(tmp_path / "empty")}
     cfg = tmp_path / "hub.yaml"
     cfg.write_text(yaml.safe_dump({"backbone": {"hub_id": "hf-hub:someone/silent"},
-                                   "data": {"source": "folder", "path": str(images)}}))
+                                   "data": {"source": "folder", "path": str(images)}, "shots": 2}))
     start = time.perf_counter()
     result = cli("eval", str(cfg), "--out", str(tmp_path / "o"), "--set", "method=zeroshot", env=env, timeout=120)
     assert time.perf_counter() - start < 60
