@@ -258,6 +258,7 @@ class ResultStore:
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout = 60000")
+    cursor.execute("PRAGMA journal_mode = WAL")  # readers never block the writer (sweeps sharing a store)
     cursor.close()
 
 
