@@ -51,8 +51,17 @@ class Backbone(nn.Module, ABC):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, embed_dim) features, not L2-normalised."""
 
-    def image_transform(self, train: bool) -> Callable:
-        """PIL image -> normalised tensor; ``train`` adds the paper's crop-and-flip augmentation."""
+    def image_transform(self, train: bool = False) -> Callable:
+        """The transform to apply to a PIL image (it is returned, not applied): it gives a normalised
+        (3, H, W) tensor; ``train=True`` adds the paper's crop-and-flip augmentation. Typical use::
+
+            transform = backbone.image_transform(train=False)
+            pixels = torch.stack([transform(img) for img in images])   # (B, 3, H, W)
+            features = backbone.encode_image(pixels)
+        """
+        if not isinstance(train, bool):
+            raise TypeError(f"image_transform(train) takes True or False and returns the transform, got "
+                            f"{type(train).__name__}; use backbone.image_transform(train=False)(image)")
         return self.preprocess.transform(train)
 
     # ---- text -----------------------------------------------------------------------------------

@@ -87,6 +87,12 @@ def load_backbone(cfg: dict) -> Backbone:
             raise WeightsError(f"backbone.path {path} does not exist. {_how_to_download(entry)}")
     elif cfg.get("allow_random") and entry is not None and entry.formats[0] == "medclip":
         path = None  # MedCLIP's architecture ships with calibprompt: random weights need no file
+    elif entry is not None and entry.local:
+        from calibprompt.settings import cache_dir
+
+        path = cache_dir() / entry.local
+        if not path.is_dir():
+            raise WeightsError(f"backbone {name!r} is not in {path}: {entry.download}, or set backbone.path")
     else:
         hub_id = cfg.get("hub_id") or (entry.hub_id if entry else None)
         if not hub_id:

@@ -68,6 +68,7 @@ class BackboneEntry:
     reference: dict = field(default_factory=dict)  # switches that parity: reference sets
     paper: bool = False  # one of the four models of the CalibPrompt paper
     notes: str = ""
+    local: str | None = None  # default folder under the calibprompt cache (models made here, not downloaded)
 
     @property
     def source(self) -> str:
@@ -142,6 +143,13 @@ BACKBONES: dict[str, BackboneEntry] = {e.name: e for e in (
                  "PubMedCLIP_ViT32.pth (OpenAI format) in hub sarahESL/PubMedCLIP",
         context_length=77, embed_dim=512, token_dim=512, template="An image of {}.",
         notes="extension, not in the paper",
+    ),
+    BackboneEntry(
+        name="micro-medmnist", title="micro Med-VLM (pretrained here by `calibprompt pretrain-micro`)",
+        family="clip", library="open_clip", formats=("open_clip",), local="models/micro-medmnist",
+        download="no download: `calibprompt pretrain-micro` (or `calibprompt demo`) writes it into the cache",
+        context_length=32, embed_dim=128, token_dim=128, template="An image of {}.",
+        notes="a 7.8 M-parameter test bed pretrained on MedMNIST train splits (docs/demo.md), not a research model",
     ),
     BackboneEntry(
         name="clip-vit-b32", file="ViT-B-32.pt",
