@@ -44,19 +44,28 @@ class TemperatureScaling(Calibrator):
         self.nll_after = _nll(logits / math.exp(log_t), labels)
         if self.nll_after > self.nll_before:  # never worse than doing nothing
             log_t, self.nll_after = 0.0, self.nll_before
-        if min(log_t - lo, hi - log_t) < 1e-3:
-            warnings.warn(
-                f"{self.name}: the fitted temperature {math.exp(log_t):.4g} is at the search bound "
-                f"[{self.t_min}, {self.t_max}]; the validation set may be separable or too small",
-                stacklevel=3,
-            )
         self.temperature = math.exp(log_t)
+        self.at_bound_ = ""
+        if min(log_t - lo, hi - log_t) < 1e-3:
+            accuracy = float(np.mean(logits.argmax(axis=1) == labels))
+            if hi - log_t < 1e-3:
+                cause = (f"the {len(labels)} validation samples are predicted at {accuracy:.0%} accuracy, so the "
+                         "flattest probabilities fit them best (predictions no better than chance, or confidently "
+                         "wrong)")
+            else:
+                cause = (f"the {len(labels)} validation samples are predicted at {accuracy:.0%} accuracy with "
+                         "large margins, so NLL keeps falling as probabilities sharpen (too few or too easy "
+                         "validation samples)")
+            self.at_bound_ = (f"temperature {self.temperature:.4g} at the search bound [{self.t_min:g}, "
+                              f"{self.t_max:g}]: {cause}")
+            warnings.warn(f"{self.name}: {self.at_bound_}", stacklevel=3)
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
         return logits / self.temperature
 
     def _fitted(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "nll_before": self.nll_before, "nll_after": self.nll_after}
+        return {"temperature": self.temperature, "nll_before": self.nll_before, "nll_after": self.nll_after,
+                "at_bound": getattr(self, "at_bound_", "")}
 
     def _restore(self, fitted: dict[str, Any]) -> None:
         self.temperature = float(fitted["temperature"])

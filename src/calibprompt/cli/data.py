@@ -117,6 +117,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from calibprompt.data import holdout_test, open_dataset
 
     cfg = _load_target(args)
+    from calibprompt.data.classes import wordless_classnames
+
     dataset = open_dataset(cfg)
     counts = dataset.counts()
     if not dataset.has_split and dataset.test_fraction is not None:
@@ -130,6 +132,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "total": len(dataset), "skipped": [{"ref": r, "reason": why} for r, why in dataset.skipped],
         "ignored": dataset.ignored, "duplicates": dataset.duplicates(),
         "test_fraction": dataset.test_fraction,
+        "wordless_classnames": wordless_classnames(dataset.classnames),
     }
     if args.json:
         print(json.dumps(report, indent=2))
@@ -146,6 +149,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("  ".join([f"{split:<6}"] + [f"{n:>{width}}" for n in values] + [f"{sum(values):>6}"]))
     if dataset.test_fraction is not None:
         print(f"(no split in the source: test = {dataset.test_fraction:g} of each class, by content hash)")
+    if report["wordless_classnames"]:
+        print(f"warning: class names without words {report['wordless_classnames']}: prompts built from them say "
+              "nothing to the text tower; give names with data.classnames (or classnames.txt)")
     print(f"skipped (unreadable): {len(dataset.skipped)}")
     for ref, why in dataset.skipped[:20]:
         print(f"  {ref}: {why}")

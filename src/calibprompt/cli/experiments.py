@@ -67,6 +67,8 @@ def register(sub) -> None:
                    help="metric convention: standard (default) or the official code's (reference)")
     p.add_argument("--store", help="results store URL, when the sweep used one with a password")
     p.add_argument("--out", help="report folder (default DIR/report)")
+    p.add_argument("--self-contained", action="store_true",
+                   help="embed the figures in report.html, so the one file can be sent on its own")
     p.add_argument("--no-diagrams", action="store_true", help="skip the pooled reliability diagrams")
     p.set_defaults(func=_report)
 
@@ -132,7 +134,7 @@ def _report(args) -> int:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return 0
     paths = write_report(args.dir, store_url=args.store, metrics=metrics, convention=args.convention,
-                         report_dir=args.out, diagrams=not args.no_diagrams)
+                         report_dir=args.out, diagrams=not args.no_diagrams, self_contained=args.self_contained)
     for kind, path in paths.items():
         print(f"{kind:5s} {path}")
     return 0

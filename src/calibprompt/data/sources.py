@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .base import DataError, ImageDataset
+from .classes import wordless_classnames
 from .images import VERIFY_LEVELS
 
 _COMMON = ("source", "path", "name", "classnames", "template")
@@ -83,6 +84,13 @@ def open_dataset(cfg: dict[str, Any], where: str = "data") -> ImageDataset:
             raise DataError(str(err)) from None
     cfg["path"] = str(Path(cfg["path"]).expanduser())
     dataset = _openers()[cfg["source"]](cfg, where)
+    wordless = wordless_classnames(dataset.classnames)
+    if wordless:
+        from calibprompt.progress import note
+
+        note(f"{where}: dataset {dataset.name!r} has class names without words {wordless}; prompts will read "
+             f"like {dataset.template.format(wordless[0])!r}, which the text tower cannot relate to the images. "
+             "Give the classes names: data.classnames: [...] (or a classnames.txt)")
     if len(dataset.classnames) < 2:
         raise DataError(f"{where}: dataset {dataset.name!r} ({cfg['path']}) has {len(dataset.classnames)} class "
                         f"({dataset.classnames}); a classifier needs at least 2. Check the class folders or labels")

@@ -47,19 +47,21 @@ def finished_result(out_dir: str | Path, run_hash: str | None = None) -> dict | 
     return result
 
 
-def predictions_csv(samples, logits: torch.Tensor) -> str:
-    """Per sample: ref, label, predicted class and the class probabilities (softmax in float64)."""
+def predictions_csv(samples, logits: torch.Tensor, classnames: list[str] | None = None) -> str:
+    """Per sample: ref, label, predicted class and the class probabilities (softmax in float64), one
+    column per class named ``prob_<class name>`` (``prob_<k>`` without names)."""
     probs = torch.softmax(logits.double(), dim=1).numpy()
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["ref", "label", "prediction", *[f"prob_{k}" for k in range(probs.shape[1])]])
+    names = classnames if classnames and len(classnames) == probs.shape[1] else [str(k) for k in range(probs.shape[1])]
+    writer.writerow(["ref", "label", "prediction", *[f"prob_{name}" for name in names]])
     for sample, row in zip(samples, probs):
         writer.writerow([sample.ref, sample.label, int(row.argmax()), *[f"{p:.8g}" for p in row]])
     return buffer.getvalue()
 
 
-def write_predictions(path: Path, samples, logits: torch.Tensor) -> None:
-    atomic_write_text(path, predictions_csv(samples, logits))
+def write_predictions(path: Path, samples, logits: torch.Tensor, classnames: list[str] | None = None) -> None:
+    atomic_write_text(path, predictions_csv(samples, logits, classnames))
 
 
 def backbone_record(backbone) -> dict:

@@ -175,9 +175,13 @@ def fit_posthoc(name: str | None, head, val_feats: torch.Tensor | None, val_s: S
         return None, None
     from calibprompt.calibration import get_calibrator
 
+    import warnings
+
     val_logits = logits(head, val_feats)
     labels = np.array([s.label for s in val_s])
-    calibrator = get_calibrator(name).fit(val_logits.numpy(), labels)
+    with warnings.catch_warnings():  # a temperature at its bound becomes a run flag that names the run
+        warnings.simplefilter("ignore")
+        calibrator = get_calibrator(name).fit(val_logits.numpy(), labels)
     return calibrator, {"name": name, "params": calibrator.fitted_params(), "n_val": len(val_s)}
 
 

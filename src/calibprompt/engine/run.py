@@ -11,6 +11,7 @@ import torch
 
 from calibprompt.config import config_hash, dump, resolve
 from calibprompt.engine import pipeline
+from calibprompt.engine.checks import run_flags
 from calibprompt.engine.artifacts import (
     RESULT_FILE,
     RunConflict,
@@ -107,7 +108,10 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     metrics, metrics_ref = _evaluate(test_logits, test_labels, out_dir, resolved)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
-    write_predictions(out_dir / "predictions.csv", test_s, test_logits)
+    flags = run_flags(fitted.info, posthoc_info, metrics, test_labels, method.trains and head_from is None)
+    for flag in flags:
+        note(f"run {resolved.get('name') or out_dir}: {flag['message']}")
+    write_predictions(out_dir / "predictions.csv", test_s, test_logits, list(dataset.classnames))
 
     result = {
         "status": "done",
@@ -123,6 +127,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
         "metrics": metrics,
         "metrics_reference": metrics_ref,
         "posthoc": posthoc_info,
+        "flags": flags,
         "train": fitted.info,
         "n_test": len(test_s),
         "n_val": len(val_s),

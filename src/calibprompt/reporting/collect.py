@@ -28,6 +28,7 @@ class Group:
     run_dirs: list[Path] = field(default_factory=list)
     n_bins: int = 10
     failed: int = 0
+    flags: list[str] = field(default_factory=list)  # "seed N: message" of runs that look meaningless
 
     @property
     def row(self) -> str:
@@ -96,6 +97,7 @@ def collect(out_dir: str | Path, store_url: str | None = None, convention: str =
                 group.values.setdefault(name, []).append(float(value))
         local = out_dir / "runs" / plan["run_id"]
         group.run_dirs.append(local if local.is_dir() else Path(row.get("run_dir") or local))
+        group.flags += [f"seed {plan['seed']}: {f['message']}" for f in _run_flags(group.run_dirs[-1])]
         group.n_bins = int(((row.get("config") or {}).get("eval") or {}).get("n_bins", 10))
     return Collection(sweep, list(groups.values()), failed, counts, convention)
 
@@ -139,3 +141,13 @@ def _read_predictions(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]
     probs = np.array([r[1] for r in rows], dtype=np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)  # undo the 8-digit rounding of the CSV
     return probs, np.array([r[0] for r in rows])
+
+
+def _run_flags(run_dir: Path) -> list[dict]:
+    """The sanity flags a run recorded in its metrics.json (none when the file is not here)."""
+    import json
+
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("flags") or []
+    except (OSError, ValueError):
+        return []

@@ -69,14 +69,18 @@ def ece_accuracy_plot(collection: Collection, shots: int, path: Path) -> bool:
             acc, ece = g.stat("accuracy"), g.stat("ece")
             if acc is None or ece is None:
                 continue
+            # numbered points with the names in the legend: a method and its "+ts" twin sit on top of
+            # each other, and long names written beside the points would overprint
             ax.errorbar(acc[0] * 100, ece[0] * 100, xerr=(acc[1] or 0) * 100, yerr=(ece[1] or 0) * 100,
-                        fmt="o", color=f"C{j % 10}", capsize=3, label=g.row)
-            ax.annotate(g.row, (acc[0] * 100, ece[0] * 100), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+                        fmt="o", color=f"C{j % 10}", capsize=3, label=f"{j + 1}  {g.row}")
+            ax.annotate(str(j + 1), (acc[0] * 100, ece[0] * 100), fontsize=8, xytext=(4, 4 + 7 * (j % 3)),
+                        textcoords="offset points", color=f"C{j % 10}")
         ax.set_title(f"{b} · {d} · {shots} shots", fontsize=10)
         ax.set_xlabel("accuracy (%)")
         ax.set_ylabel("ECE (%)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    fig.subplots_adjust(wspace=0.9)
     atomic_write_bytes(path, _png(fig))
     return True
 
@@ -99,8 +103,19 @@ def pooled_reliability(group: Group, path: Path) -> bool:
     return True
 
 
-def html_report(tables: list[Table], collection: Collection, figures: dict[str, Any]) -> str:
+def html_report(tables: list[Table], collection: Collection, figures: dict[str, Any],
+                embed: Path | None = None) -> str:
+    """The HTML report. With ``embed`` (the report folder), every figure is inlined as a base64 PNG so the
+    one file can be sent on its own."""
     e = html.escape
+
+    def src(rel: str) -> str:
+        if embed is None:
+            return e(rel)
+        import base64
+
+        return "data:image/png;base64," + base64.b64encode((embed / rel).read_bytes()).decode("ascii")
+
     sweep = collection.sweep
     c = collection.counts
     parts = [
@@ -110,14 +125,15 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
         "table{border-collapse:collapse;margin:1em 0;font-size:13px}"
         "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
         "thead th{background:#f3f3f3}.fig{display:inline-block;margin:4px;vertical-align:top}"
-        ".fig img{width:260px}pre{white-space:pre-wrap;font-size:12px;background:#f8f8f8;padding:6px}</style>",
+        ".fig img{width:380px}pre{white-space:pre-wrap;font-size:12px;background:#f8f8f8;padding:6px}</style>",
         "</head><body>",
         f"<h1>{e(sweep.get('name', 'sweep'))}</h1>",
         f"<p>{c['done']}/{c['planned']} runs done, {c.get('failed', 0)} failed, "
         f"{c.get('pending', 0) + c.get('running', 0)} not finished. Store: <code>{e(str(sweep.get('store')))}</code>. "
         f"Grid: <code>{e(str(sweep.get('grid_source')))}</code>. Metric convention: {e(collection.convention)}.</p>",
         "<p>Cells: mean ± std over seeds; percent except NLL and Brier. <b>bold</b> = best, <u>underlined</u> = "
-        "second best per column; † = fewer seeds finished than planned.</p>",
+        "second best per column; † = fewer seeds finished than planned; ‡ = a run of the cell is flagged "
+        "(listed below; never ranked).</p>",
     ]
     for t in tables:
         parts.append(f"<h2>{e(_caption(t, collection))}</h2><table><thead><tr><th rowspan='2'>Method</th>")
@@ -135,16 +151,24 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
         parts.append("</tbody></table>")
     for shots, rel in figures.get("ece_accuracy", []):
         parts.append(f"<h2>ECE against accuracy per dataset · {shots} shots</h2>"
-                     f"<p>Mean over seeds with std error bars; lower right is better.</p><img src='{e(rel)}' "
+                     f"<p>Mean over seeds with std error bars; lower right is better.</p><img src='{src(rel)}' "
                      "style='max-width:100%'>")
     if figures.get("reliability"):
-        parts.append("<h2>Reliability diagrams (test predictions pooled over seeds)</h2>")
+        parts.append("<h2>Reliability diagrams (test predictions pooled over seeds)</h2><p>Each panel pools the "
+                     "test predictions of all seeds of a cell, so its ECE is the pooled one, not the table's mean "
+                     "over seeds.</p>")
         current = None
         for (shots, b, d), rel, label in figures["reliability"]:
             if (shots, b, d) != current:
                 current = (shots, b, d)
                 parts.append(f"<h3>{e(b)} · {e(d)} · {shots} shots</h3>")
-            parts.append(f"<div class='fig'><img src='{e(rel)}' alt='{e(label)}'><br><small>{e(label)}</small></div>")
+            parts.append(f"<div class='fig'><img src='{src(rel)}' alt='{e(label)}'><br><small>{e(label)}</small></div>")
+    flagged = [g for g in collection.groups if g.flags]
+    if flagged:
+        parts.append("<h2>‡ Flagged runs</h2><ul>")
+        parts += [f"<li>{e(g.row)} · {e(g.backbone)} · {e(g.dataset)} · {g.shots} shots, {e(flag)}</li>"
+                  for g in flagged for flag in g.flags]
+        parts.append("</ul>")
     if collection.failed:
         parts.append("<h2>Failed runs</h2><table><thead><tr><th>run</th><th>what</th><th>error</th></tr></thead><tbody>")
         for f in collection.failed:
@@ -162,7 +186,7 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
 
 def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: tuple[str, ...] = DEFAULT_METRICS,
                  convention: str = "standard", report_dir: str | Path | None = None,
-                 diagrams: bool = True) -> dict[str, str]:
+                 diagrams: bool = True, self_contained: bool = False) -> dict[str, str]:
     """Write tables (md, tex, csv) and report.html (with figures) to ``DIR/report``; returns the paths."""
     out_dir = Path(out_dir)
     collection = collect(out_dir, store_url, convention)
@@ -184,5 +208,5 @@ def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: 
             rel = f"figures/reliability/{i:03d}_{slug(f'{g.shots}shot_{g.backbone}_{g.dataset}_{g.row}')}.png"
             if g.run_dirs and pooled_reliability(g, target / rel):
                 figures["reliability"].append(((g.shots, g.backbone, g.dataset), rel, g.row))
-    atomic_write_text(paths["html"], html_report(tables, collection, figures))
+    atomic_write_text(paths["html"], html_report(tables, collection, figures, embed=target if self_contained else None))
     return {k: str(v) for k, v in paths.items()}

@@ -52,7 +52,7 @@ def build_tables(collection: Collection, metrics: tuple[str, ...] = DEFAULT_METR
                 shown = {}
                 for r in rows:
                     g = cells.get((r, d))
-                    st = g.stat(m) if g else None
+                    st = g.stat(m) if g and not g.flags else None  # a flagged cell is never "best"
                     if st is not None:
                         shown[r] = round(_scaled(st[0], m), DECIMALS[METRIC_INFO[m][2]])
                 if len(shown) < 2:
@@ -74,7 +74,8 @@ def _scaled(value: float, metric: str) -> float:
 
 def cell_text(group: Group | None, metric: str, std: bool = True) -> str:
     """The displayed value: ``12.34 ± 1.23`` (percent) / ``0.512 ± 0.010``; ``–`` when no run finished;
-    a trailing ``†`` when fewer seeds finished than were planned."""
+    a trailing ``†`` when fewer seeds finished than were planned, ``‡`` when a run of the cell is flagged
+    (did not learn, accuracy at the majority rate, temperature at its bound; never ranked best)."""
     st = group.stat(metric) if group else None
     if st is None:
         return "–"
@@ -85,6 +86,8 @@ def cell_text(group: Group | None, metric: str, std: bool = True) -> str:
         text += f" ± {_scaled(s, metric):.{dec}f}"
     if n < group.planned:
         text += " †"
+    if group.flags:
+        text += " ‡"
     return text
 
 
@@ -112,7 +115,8 @@ def markdown(tables: list[Table], collection: Collection) -> str:
            f"{collection.counts['done']}/{collection.counts['planned']} runs done"
            + (f", {collection.counts['failed']} failed" if collection.counts.get("failed") else "")
            + ". Percent except NLL and Brier. **bold** = best, _italic_ = second best per column; "
-             "† = fewer seeds finished than planned.", ""]
+             "† = fewer seeds finished than planned; ‡ = a run of the cell is flagged (listed below, never "
+             "ranked).", ""]
     for t in tables:
         out.append(f"## {_caption(t, collection)}")
         out.append("")
@@ -127,6 +131,12 @@ def markdown(tables: list[Table], collection: Collection) -> str:
                     rank = t.ranks.get((r, d, m))
                     cells.append(f"**{text}**" if rank == 1 else f"_{text}_" if rank == 2 else text)
             out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    flagged = [g for g in collection.groups if g.flags]
+    if flagged:
+        out += ["## ‡ Flagged runs", ""]
+        out += [f"- {_md_escape(g.row)} · {g.backbone} · {g.dataset} · {g.shots} shots, {flag}"
+                for g in flagged for flag in g.flags]
         out.append("")
     return "\n".join(out)
 
