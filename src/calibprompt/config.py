@@ -25,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 1,
     "shots": 8,
     "val_shots": 0,  # held-out shots per class for post-hoc calibration / tuning (disjoint from train)
+    "split_by": "pixels",  # rank images for the shots by their decoded pixels, or "bytes" (calibprompt 0.1)
     "split_file": None,  # reuse a saved few-shot split (JSON)
     "backbone": {},
     "data": {},
@@ -136,6 +137,7 @@ def _is_open(prefix: str) -> bool:
 #: "str" or a tuple of choices; a low bound written as "(0" excludes it; null only where the default is
 SCHEMA: dict[str, tuple] = {
     "seed": ("int", 0, None), "shots": ("int", 1, None), "val_shots": ("int", 0, None),
+    "split_by": (("pixels", "bytes"), None, None),
     "prompt.n_ctx": ("int", 1, None), "prompt.init": ("str", None, None),
     "prompt.position": (("end", "middle", "front"), None, None), "prompt.csc": ("bool", None, None),
     "prompt.init_std": ("float", "(0", None),

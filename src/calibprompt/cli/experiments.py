@@ -155,6 +155,7 @@ def _tune(args) -> int:
         values = ", ".join(f"{k}={v}" for k, v in cell["set"].items())
         print(f"{cell['backbone']} · {cell['dataset']}: {values}  ({tuned['objective']} {cell['first_value']:.4f} "
               f"-> {cell['value']:.4f}, {cell['trials']} trials)")
+        print(f"  {cell['reading']}")
     print(f"use it in a grid with  hparams: {args.out}/tuned.yaml")
     return 0
 

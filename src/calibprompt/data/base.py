@@ -90,6 +90,21 @@ class ImageDataset:
             self._hashes[sample.ref] = digest
         return digest
 
+    def pixel_hash(self, sample: Sample | str) -> str:
+        """sha256 of the decoded 8-bit pixels (``hash_array``), memoised: the same picture stored as a PNG,
+        in a CSV-listed file or in an npz array has the same pixel hash, so it gets the same shots
+        (few-shot splits rank by it; ``split_by: bytes`` ranks by ``content_hash`` instead)."""
+        sample = self.get(sample)
+        cache = self.__dict__.setdefault("_pixel_hashes", {})
+        if sample.ref not in cache:
+            cache[sample.ref] = self._pixel_hash(sample)
+        return cache[sample.ref]
+
+    def _pixel_hash(self, sample: Sample) -> str:
+        import numpy as np
+
+        return hash_array(np.ascontiguousarray(np.asarray(self.load(sample))))
+
     def get(self, ref: Sample | str) -> Sample:
         """The ``Sample`` with this ref; ``DataError`` when the dataset has none."""
         if isinstance(ref, Sample):

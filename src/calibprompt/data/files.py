@@ -10,11 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from calibprompt.settings import sha256_bytes, sha256_file
 
-from .base import DataError, ImageDataset, Sample
+from .base import DataError, ImageDataset, Sample, hash_array
 from .images import VERIFY_LEVELS, ImageReadError, read_image, verify_bytes
 
 log = logging.getLogger("calibprompt.data")
@@ -54,6 +55,14 @@ class FileDataset(ImageDataset):
 
     def _hash(self, sample: Sample) -> str:
         return sha256_file(self.paths[sample.ref])
+
+    def _pixel_hash(self, sample: Sample) -> str:
+        # 8-bit grey or colour pictures hash as stored (an npz array of the same picture hashes the same);
+        # anything else (16-bit, alpha, palette) as the RGB image the model sees
+        with Image.open(self.paths[sample.ref]) as image:
+            if image.mode in ("L", "RGB"):
+                return hash_array(np.ascontiguousarray(np.asarray(image)))
+        return super()._pixel_hash(sample)
 
 
 def check_files(entries: list[FileEntry], *, verify: str, skip_bad: bool, where: str

@@ -92,6 +92,12 @@ class ArrayDataset(ImageDataset):
     def _hash(self, sample: Sample) -> str:
         return hash_array(np.ascontiguousarray(self._array(sample)))
 
+    def _pixel_hash(self, sample: Sample) -> str:
+        array = to_uint8(self._array(sample), self.modes[sample.ref.partition("/")[0]])
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+        return hash_array(np.ascontiguousarray(array))
+
 
 def pixel_mode(array: np.ndarray, where: str) -> str:
     """How an image array's values become 8-bit pixels, decided once per array (so one dark image is

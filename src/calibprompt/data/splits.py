@@ -35,18 +35,25 @@ def content_rank(salt: str, digest: str) -> str:
     return hashlib.sha256(f"calibprompt/{salt}/{digest}".encode()).hexdigest()
 
 
-def _ranked(dataset: ImageDataset, samples: list[Sample], salt: str) -> list[Sample]:
-    return sorted(samples, key=lambda s: (content_rank(salt, dataset.content_hash(s)), s.ref))
+SPLIT_BY = ("pixels", "bytes")
 
 
-def holdout_test(dataset: ImageDataset, fraction: float) -> tuple[list[Sample], list[Sample]]:
+def _ranked(dataset: ImageDataset, samples: list[Sample], salt: str, by: str = "pixels") -> list[Sample]:
+    """Samples in the order of a seed-salted key of their content: their decoded pixels (the default, so
+    the same images give the same shots in any file format) or their stored bytes (``by="bytes"``, the
+    rule of calibprompt 0.1)."""
+    key = dataset.pixel_hash if by == "pixels" else dataset.content_hash
+    return sorted(samples, key=lambda s: (content_rank(salt, key(s)), s.ref))
+
+
+def holdout_test(dataset: ImageDataset, fraction: float, by: str = "pixels") -> tuple[list[Sample], list[Sample]]:
     """(train pool, test) of an unsplit dataset: per class, round(fraction * n) images, taken
     whole groups of identical content at a time, in the order of a seed-independent content key."""
     if not 0 < fraction < 1:
         raise DataError(f"test_fraction must be between 0 and 1, got {fraction!r}")
     pool, test = [], []
     for label, text in enumerate(dataset.classnames):
-        members = _ranked(dataset, [s for s in dataset.samples if s.label == label], "test")
+        members = _ranked(dataset, [s for s in dataset.samples if s.label == label], "test", by)
         target = math.floor(fraction * len(members) + 0.5)
         groups: list[list[Sample]] = []  # identical content ranks equal, so groups are contiguous
         for sample in members:
@@ -125,8 +132,11 @@ class FewShotSplit:
 
 
 def make_split(dataset: ImageDataset, shots: int, seed: int, val_shots: int = 0,
-               test_fraction: float | None = None) -> FewShotSplit:
-    """Deterministic few-shot split of ``dataset`` (see the module docstring)."""
+               test_fraction: float | None = None, by: str = "pixels") -> FewShotSplit:
+    """Deterministic few-shot split of ``dataset`` (see the module docstring); ``by`` ranks images by
+    their decoded pixels (default) or their stored bytes (see :func:`_ranked`)."""
+    if by not in SPLIT_BY:
+        raise DataError(f"split_by must be one of {SPLIT_BY}, got {by!r}")
     for name, value in (("shots", shots), ("val_shots", val_shots), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or (name != "seed" and value < 0):
             kind = "an integer" if name == "seed" else "a non-negative integer"
@@ -142,7 +152,7 @@ def make_split(dataset: ImageDataset, shots: int, seed: int, val_shots: int = 0,
         if test_fraction is None:
             raise DataError(f"dataset {dataset.name!r} has no train/test split; set data.test_fraction "
                             "(e.g. 0.3) to hold out a deterministic test set")
-        pool, test = holdout_test(dataset, test_fraction)
+        pool, test = holdout_test(dataset, test_fraction, by)
         val_pool = None
     if not test:
         raise DataError(f"dataset {dataset.name!r} has no test images")
@@ -150,7 +160,7 @@ def make_split(dataset: ImageDataset, shots: int, seed: int, val_shots: int = 0,
     train, val = [], []
     for label, text in enumerate(dataset.classnames):
         salt = f"fewshot/{seed}"
-        candidates = _distinct(dataset, _ranked(dataset, [s for s in pool if s.label == label], salt))
+        candidates = _distinct(dataset, _ranked(dataset, [s for s in pool if s.label == label], salt, by))
         need = shots + (val_shots if val_pool is None else 0)
         if len(candidates) < need:
             raise DataError(
@@ -163,7 +173,7 @@ def make_split(dataset: ImageDataset, shots: int, seed: int, val_shots: int = 0,
             val += candidates[shots:need]
         elif val_shots:
             taken = {dataset.content_hash(s) for s in candidates[:shots]}
-            ranked_val = _ranked(dataset, [s for s in val_pool if s.label == label], salt)
+            ranked_val = _ranked(dataset, [s for s in val_pool if s.label == label], salt, by)
             options = [s for s in _distinct(dataset, ranked_val) if dataset.content_hash(s) not in taken]
             if len(options) < val_shots:
                 raise DataError(f"dataset {dataset.name!r}: class {label} ({text!r}) has {len(options)} "

@@ -85,6 +85,9 @@ def _restricted(dataset, train_samples: list):
         def _hash(self, sample):
             return dataset.content_hash(sample.ref)
 
+        def _pixel_hash(self, sample):
+            return dataset.pixel_hash(sample.ref)
+
     return _View(dataset.name, dataset.classnames, dataset.template, samples, location=dataset.location,
                  test_fraction=dataset.test_fraction)
 

@@ -37,7 +37,7 @@ def open_split(resolved: dict):
         split = FewShotSplit.from_json(resolved["split_file"], dataset)
     else:
         split = make_split(dataset, shots=int(resolved["shots"]), seed=int(resolved["seed"]),
-                           val_shots=int(resolved["val_shots"]))
+                           val_shots=int(resolved["val_shots"]), by=resolved.get("split_by", "pixels"))
     return dataset, split
 
 

@@ -322,6 +322,8 @@ def _optimise(cells: list[CellStudy], ex, trials: int, params, space, objective,
         per_seed = outcome.value["per_seed"]
         metrics = [s["metrics"] for s in per_seed]
         value = objective_value(objective, metrics, cell.reference, acc_floor)
+        trial.set_user_attr("seed_values", [objective_value(objective, [m], cell.reference, acc_floor)
+                                            for m in metrics])
         for key in ("accuracy", "ece", "nll", "brier"):
             trial.set_user_attr(f"val_{key}", sum(m[key] for m in metrics) / len(metrics))
         trial.set_user_attr("n_val", per_seed[0]["n_val"])
@@ -359,6 +361,7 @@ def _summary(grid: Grid, cells: list[CellStudy], section: dict, objective: str, 
             "trials": len(done),
             "val_metrics": {k[4:]: float(v) for k, v in best.user_attrs.items() if k.startswith("val_")},
             "study": cell.study.study_name,
+            **separation(best, first, done),
         }
         if cell.reference is not None:
             entry["reference_val_accuracy"] = cell.reference
@@ -377,6 +380,28 @@ def _summary(grid: Grid, cells: list[CellStudy], section: dict, objective: str, 
                    {"key": space[p][0], "low": space[p][2], "high": space[p][3], "log": True} for p in params},
         "cells": out_cells,
     }
+
+
+def separation(best, first, done: list) -> dict:
+    """Is the winner distinguishable from the starting point? Its gain over trial 0 against the noise:
+    twice the standard error of its own objective over seeds (with >= 2 seeds), else the trial-to-trial
+    spread. Returned as ``gain``, ``trial_spread``, ``seed_se``, ``distinguishable`` and a sentence."""
+    import statistics
+
+    values = [float(t.value) for t in done]
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    seeds = best.user_attrs.get("seed_values") or []
+    se = statistics.stdev(seeds) / math.sqrt(len(seeds)) if len(seeds) > 1 else None
+    gain = float(first.value) - float(best.value)
+    noise = 2 * se if se is not None else spread
+    distinguishable = gain > noise and gain > 0
+    reading = (f"the best trial improves on trial 0 by {gain:.4g}, more than the noise ({noise:.4g}"
+               if distinguishable else
+               f"the best trial is not distinguishable from trial 0: gain {gain:.4g} is within the noise "
+               f"({noise:.4g}") + (f", 2 x the standard error over {len(seeds)} seeds)" if se is not None
+                                   else ", the trial-to-trial spread)")
+    return {"gain": gain, "trial_spread": spread, "seed_se": se, "distinguishable": distinguishable,
+            "reading": reading}
 
 
 def _plain(value: Any) -> Any:
