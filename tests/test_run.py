@@ -66,7 +66,7 @@ def test_train_cli_writes_all_outputs(tmp_path, model_dir, images, capsys):
     ctx = load_file(str(out / "prompt.safetensors"))["ctx"]
     assert ctx.shape == (16, 64)
     rows = (out / "predictions.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + 12 and rows[0].startswith("ref,label,prediction,prob_0,prob_1")
+    assert len(rows) == 1 + 12 and rows[0].startswith("ref,label,prediction,prob_normal,prob_tumor")
     probs = np.array([[float(v) for v in r.split(",")[3:]] for r in rows[1:]])
     assert np.allclose(probs.sum(1), 1.0, atol=1e-6)
 

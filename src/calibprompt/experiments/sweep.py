@@ -15,9 +15,7 @@ config hash. A row left ``running`` by a crash, a ``failed`` row (unless --no-re
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import time
 import uuid
 from collections import deque
