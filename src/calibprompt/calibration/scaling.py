@@ -53,9 +53,8 @@ class TemperatureScaling(Calibrator):
                          "flattest probabilities fit them best (predictions no better than chance, or confidently "
                          "wrong)")
             else:
-                cause = (f"the {len(labels)} validation samples are predicted at {accuracy:.0%} accuracy with "
-                         "large margins, so NLL keeps falling as probabilities sharpen (too few or too easy "
-                         "validation samples)")
+                cause = (f"the {len(labels)} validation samples are predicted at {accuracy:.0%} accuracy, so NLL "
+                         "keeps falling as probabilities sharpen (too few or too easy validation samples)")
             self.at_bound_ = (f"temperature {self.temperature:.4g} at the search bound [{self.t_min:g}, "
                               f"{self.t_max:g}]: {cause}")
             warnings.warn(f"{self.name}: {self.at_bound_}", stacklevel=3)
