@@ -100,7 +100,12 @@ def test_sweep_and_report_treat_feature_methods_like_any_other(setup, tmp_path):
         assert method in table
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["report", str(out)]) == 0
-    assert "lp++" in (out / "report" / "report.html").read_text()
+    page = (out / "report" / "report.html").read_text()
+    assert "lp++" in page and "src='figures/" in page and "its ECE is the pooled one" in page
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", str(out), "--self-contained"]) == 0
+    page = (out / "report" / "report.html").read_text()
+    assert "src='figures/" not in page and page.count("data:image/png;base64,") >= 2
 
 
 def test_methods_command_lists_every_method_with_its_formula(capsys):
