@@ -170,3 +170,48 @@ def test_tuning_says_when_the_winner_is_within_the_noise():
     assert not noisy["distinguishable"] and "not distinguishable" in noisy["reading"]
     clear = separation(trial(0.90, [0.91, 0.89, 0.90]), first, [first, trial(0.90, [0.91, 0.89, 0.90])])
     assert clear["distinguishable"] and clear["gain"] == pytest.approx(0.7125)
+
+
+def test_pixel_identical_files_are_one_image_for_the_split(tmp_path):
+    from calibprompt.data import holdout_test
+
+    rng = np.random.default_rng(1)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(6):
+            pixels = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}_copy.png", optimize=True, compress_level=1)
+    ds = open_dataset({"source": "folder", "path": str(tmp_path), "test_fraction": 0.34})
+    assert ds.content_hash("a/0.png") != ds.content_hash("a/0_copy.png")  # other bytes, same picture
+    pool, test = holdout_test(ds, 0.34)
+    test_pixels = {ds.pixel_hash(s) for s in test}
+    assert not any(ds.pixel_hash(s) in test_pixels for s in pool)  # a picture never straddles the split
+    split = make_split(ds, shots=3, seed=2, val_shots=1, test_fraction=0.34)
+    picked = [ds.pixel_hash(r) for r in split.train + split.val]
+    assert len(picked) == len(set(picked)) == 8 and split.overlap == 0
+
+
+def test_saved_heads_refuse_another_class_list(tmp_path):
+    from calibprompt.cli import main
+    from tests.reliability.conftest import write_config
+    from tests.tiny_models import tiny_model_dir, write_image_folder
+
+    model = tiny_model_dir(tmp_path / "m", "clip")
+    images = write_image_folder(tmp_path / "img", n_train=4, n_test=2)
+    other = write_image_folder(tmp_path / "other", classes=("benign", "malignant"), n_train=4, n_test=2)
+    out = tmp_path / "run"
+    assert main(["train", str(write_config(tmp_path / "c.yaml", model, images)), "--out", str(out), "--quiet"]) == 0
+    cfg = write_config(tmp_path / "o.yaml", model, other)
+    assert main(["eval", str(cfg), "--head", str(out / "head.safetensors"), "--out", str(tmp_path / "e")]) == 2
+    assert main(["eval", str(cfg), "--prompt", str(out / "prompt.safetensors"), "--out", str(tmp_path / "p")]) == 2
+
+
+def test_tuning_refuses_methods_that_select_on_the_validation_shots():
+    from calibprompt.config import load_config, resolve
+    from calibprompt.engine.validation import check_tunable
+
+    cfg = load_config(None, ["val_shots=2"], base={"backbone": {"path": "/x"}, "data": {"source": "folder", "path": "/x"},
+                                                    "method": {"name": "linear-probe"}})
+    with pytest.raises(ValueError, match="method.C"):
+        check_tunable(resolve(cfg))

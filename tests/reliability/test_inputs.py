@@ -184,10 +184,28 @@ def test_npz_pixel_types_read_as_the_same_pictures(kind, tmp_path):
         a = np.asarray(converted.load(converted.samples[i]), dtype=int)
         b = np.asarray(reference.load(reference.samples[i]), dtype=int)
         assert np.abs(a - b).max() <= 1, (kind, i)
-    arrays["test_images"] = arrays["test_images"].astype(np.float32) * 1000 - 5
+    for split in ("train", "val", "test"):
+        arrays[f"{split}_images"] = arrays[f"{split}_images"].astype(np.float32) * 1000 - 5
     np.savez(path, **arrays)
-    with pytest.raises(DataError, match="test_images.*range"):
+    with pytest.raises(DataError, match="train/val/test_images: float32 images range over"):
         open_dataset({"source": "medmnist", "path": str(path)})
+    arrays["test_images"] = arrays["test_images"].astype(np.float64)
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match="different dtypes"):
+        open_dataset({"source": "medmnist", "path": str(path)})
+
+
+def test_npz_pixel_rule_is_shared_by_the_splits(tmp_path):
+    """The same raw value is the same pixel in train and test, whatever each split's own range."""
+    from calibprompt.data.medmnist import to_uint8
+
+    images = {"train": np.full((4, 8, 8), 4095, np.uint16), "test": np.full((4, 8, 8), 1500, np.uint16)}
+    images["train"][0, 0, 0] = 1500
+    np.savez(tmp_path / "x.npz", train_images=images["train"], test_images=images["test"],
+             train_labels=np.array([[0], [1], [0], [1]]), test_labels=np.array([[0], [1], [0], [1]]))
+    ds = open_dataset({"source": "medmnist", "path": str(tmp_path / "x.npz"), "classnames": ["a", "b"]})
+    assert ds.modes == {"train": "bits12", "test": "bits12"}
+    assert to_uint8(images["train"][0], "bits12")[0, 0] == to_uint8(images["test"][0], "bits12")[0, 0] == 93
 
 
 def test_too_few_images_for_the_shots_is_named(tmp_path, model):

@@ -136,11 +136,14 @@ def hub_snapshot(repo_id: str, how_to: str, allow_patterns: list[str] | None = N
     offline = hub_offline()
     cache = os.environ.get("HF_HUB_CACHE") or None
     if not offline:
-        try:  # the local cache first: no network when the files are already here
-            return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache,
-                                          allow_patterns=allow_patterns))
-        except Exception:  # noqa: BLE001 - not cached: ask the hub below
+        try:
             _probe_hub(repo_id, how_to)
+        except WeightsError as unreachable:
+            try:  # the hub does not answer: a complete cached copy still serves
+                return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache,
+                                              allow_patterns=allow_patterns))
+            except Exception:  # noqa: BLE001 - not cached either: say why the hub failed
+                raise unreachable from None
     try:
         return Path(snapshot_download(repo_id, local_files_only=offline, cache_dir=cache,
                                       allow_patterns=allow_patterns))

@@ -71,9 +71,7 @@ def _one_line(err: BaseException) -> tuple[str, int]:
                 "--out / CALIBPROMPT_CACHE", 1)
     if isinstance(err, (NotADirectoryError, IsADirectoryError, FileExistsError)):
         return str(err), 2
-    if isinstance(err, (FileNotFoundError, KeyError)):
-        return str(err), 2
-    if isinstance(err, ValueError):
+    if isinstance(err, (FileNotFoundError, KeyError, ValueError)):
         return (str(err), 2) if _raised_by_us(err) else (
             f"{type(err).__name__} inside a library: {err} (rerun with --debug for the traceback)", 1)
     return "", 0

@@ -73,8 +73,10 @@ class ArrayDataset(ImageDataset):
     def __init__(self, name: str, classnames: list[str], template: str,
                  images: dict[str, np.ndarray], labels: dict[str, np.ndarray], **kwargs) -> None:
         self.images = images
-        self.modes = {split: pixel_mode(array, f"{kwargs.get('location', name)}: {split}_images")
-                      for split, array in images.items()}
+        # one rule for every split, from their common range: the same raw value is the same pixel in
+        # train and test
+        mode = pixel_mode(list(images.values()), f"{kwargs.get('location', name)}: {'/'.join(images)}_images")
+        self.modes = {split: mode for split in images}
         samples = [Sample(f"{split}/{i}", int(label), split)
                    for split in images for i, label in enumerate(labels[split])]
         super().__init__(name, classnames, template, samples, **kwargs)
@@ -99,13 +101,14 @@ class ArrayDataset(ImageDataset):
         return hash_array(np.ascontiguousarray(array))
 
 
-def pixel_mode(array: np.ndarray, where: str) -> str:
+def pixel_mode(arrays, where: str) -> str:
     """How an image array's values become 8-bit pixels, decided once per array (so one dark image is
     not read differently from the rest):
 
     * ``uint8`` -- as stored;
     * ``float01`` -- floats within [0, 1]: x 255, rounded;
     * ``float255`` -- floats within [0, 255] (some above 1): rounded;
+    * ``bool`` -- False/True: 0/255;
     * ``int255`` -- other integer types whose values lie in [0, 255]: cast;
     * ``bits<b>`` -- non-negative integers beyond 8 bits: x 255 / (2^b - 1), b the bit depth that holds the
       array's maximum (12-bit X-rays: b = 12; uint16 data using the full range: b = 16), so relative
@@ -114,13 +117,19 @@ def pixel_mode(array: np.ndarray, where: str) -> str:
 
     (A single 16-bit image *file* has no array-wide range; ``data.images`` min-max scales it.) Floats
     outside [0, 255], NaN or infinite values are refused, naming the array, dtype and range."""
+    arrays = [a for a in (arrays if isinstance(arrays, (list, tuple)) else [arrays]) if a.size]
+    if not arrays:
+        return "uint8"
+    dtypes = {a.dtype for a in arrays}
+    if len(dtypes) > 1:
+        raise DataError(f"{where}: the image arrays have different dtypes {sorted(map(str, dtypes))}; store every "
+                        "split with one dtype")
+    array = arrays[0]
     if array.dtype == np.uint8:
         return "uint8"
     if array.dtype == np.bool_:
-        return "int255"
-    if array.size == 0:
-        return "uint8"
-    lo, hi = float(array.min()), float(array.max())
+        return "bool"
+    lo, hi = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
     if np.issubdtype(array.dtype, np.floating):
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise DataError(f"{where}: {array.dtype} images hold NaN or infinite values; fix the array")
@@ -133,7 +142,7 @@ def pixel_mode(array: np.ndarray, where: str) -> str:
     if np.issubdtype(array.dtype, np.integer):
         if lo >= 0 and hi <= 255:
             return "int255"
-        return f"bits{max(8, int(hi).bit_length())}" if lo >= 0 else f"range{lo:g},{hi:g}"
+        return f"bits{max(8, int(hi).bit_length())}" if lo >= 0 else f"range{lo!r},{hi!r}"
     raise DataError(f"{where}: images of dtype {array.dtype} cannot be read as pixels; use uint8, uint16 or "
                     "float arrays")
 
@@ -142,6 +151,8 @@ def to_uint8(array: np.ndarray, mode: str) -> np.ndarray:
     """One image as uint8 under its array's :func:`pixel_mode`."""
     if mode == "uint8":
         return array
+    if mode == "bool":
+        return array.astype(np.uint8) * 255
     if mode == "float01":
         return np.rint(array.astype(np.float64) * 255.0).astype(np.uint8)
     if mode == "float255":

@@ -42,8 +42,14 @@ def _ranked(dataset: ImageDataset, samples: list[Sample], salt: str, by: str = "
     """Samples in the order of a seed-salted key of their content: their decoded pixels (the default, so
     the same images give the same shots in any file format) or their stored bytes (``by="bytes"``, the
     rule of calibprompt 0.1)."""
-    key = dataset.pixel_hash if by == "pixels" else dataset.content_hash
+    key = _identity(dataset, by)
     return sorted(samples, key=lambda s: (content_rank(salt, key(s)), s.ref))
+
+
+def _identity(dataset: ImageDataset, by: str):
+    """What makes two images "the same" for a split: their decoded pixels, or their stored bytes. Ranking,
+    de-duplication, hold-out groups and the leakage count all use it, so they agree."""
+    return dataset.pixel_hash if by == "pixels" else dataset.content_hash
 
 
 def holdout_test(dataset: ImageDataset, fraction: float, by: str = "pixels") -> tuple[list[Sample], list[Sample]]:
@@ -56,8 +62,9 @@ def holdout_test(dataset: ImageDataset, fraction: float, by: str = "pixels") -> 
         members = _ranked(dataset, [s for s in dataset.samples if s.label == label], "test", by)
         target = math.floor(fraction * len(members) + 0.5)
         groups: list[list[Sample]] = []  # identical content ranks equal, so groups are contiguous
+        same = _identity(dataset, by)
         for sample in members:
-            if groups and dataset.content_hash(groups[-1][0]) == dataset.content_hash(sample):
+            if groups and same(groups[-1][0]) == same(sample):
                 groups[-1].append(sample)
             else:
                 groups.append([sample])
@@ -160,7 +167,7 @@ def make_split(dataset: ImageDataset, shots: int, seed: int, val_shots: int = 0,
     train, val = [], []
     for label, text in enumerate(dataset.classnames):
         salt = f"fewshot/{seed}"
-        candidates = _distinct(dataset, _ranked(dataset, [s for s in pool if s.label == label], salt, by))
+        candidates = _distinct(dataset, _ranked(dataset, [s for s in pool if s.label == label], salt, by), by)
         need = shots + (val_shots if val_pool is None else 0)
         if len(candidates) < need:
             raise DataError(
@@ -172,9 +179,10 @@ def make_split(dataset: ImageDataset, shots: int, seed: int, val_shots: int = 0,
         if val_pool is None:
             val += candidates[shots:need]
         elif val_shots:
-            taken = {dataset.content_hash(s) for s in candidates[:shots]}
+            same = _identity(dataset, by)
+            taken = {same(s) for s in candidates[:shots]}
             ranked_val = _ranked(dataset, [s for s in val_pool if s.label == label], salt, by)
-            options = [s for s in _distinct(dataset, ranked_val) if dataset.content_hash(s) not in taken]
+            options = [s for s in _distinct(dataset, ranked_val, by) if same(s) not in taken]
             if len(options) < val_shots:
                 raise DataError(f"dataset {dataset.name!r}: class {label} ({text!r}) has {len(options)} "
                                 f"usable image(s) in the val split but val_shots = {val_shots}")
@@ -188,28 +196,31 @@ def make_split(dataset: ImageDataset, shots: int, seed: int, val_shots: int = 0,
         dataset_name=dataset.name, fingerprint=dataset.fingerprint(),
         classnames=list(dataset.classnames), dataset=dataset,
     )
-    _bind(split, dataset)
+    _bind(split, dataset, _identity(dataset, by))
     return split
 
 
-def _distinct(dataset: ImageDataset, ranked: list[Sample]) -> list[Sample]:
+def _distinct(dataset: ImageDataset, ranked: list[Sample], by: str = "pixels") -> list[Sample]:
     """Drop repeats of the same content, so a duplicated image is never picked twice."""
+    same = _identity(dataset, by)
     seen, out = set(), []
     for sample in ranked:
-        digest = dataset.content_hash(sample)
+        digest = same(sample)
         if digest not in seen:
             seen.add(digest)
             out.append(sample)
     return out
 
 
-def _bind(split: FewShotSplit, dataset: ImageDataset) -> None:
-    """Fill labels, hashes and the train/val-vs-test content overlap (warned about)."""
+def _bind(split: FewShotSplit, dataset: ImageDataset, same=None) -> None:
+    """Fill labels, hashes and the train/val-vs-test content overlap (warned about); ``same`` is the
+    image identity of the split (bytes by default, for splits read from files)."""
     refs = split.train + split.val + split.test
     split.labels = {r: dataset.get(r).label for r in refs}
     split.hashes = {r: dataset.content_hash(r) for r in refs}
-    test_hashes = {split.hashes[r] for r in split.test}
-    split.overlap = sum(1 for r in split.train + split.val if split.hashes[r] in test_hashes)
+    same = same or dataset.content_hash
+    test_ids = {same(r) for r in split.test}
+    split.overlap = sum(1 for r in split.train + split.val if same(r) in test_ids)
     if split.overlap:
         warnings.warn(
             f"dataset {dataset.name!r}: {split.overlap} training/validation shot(s) have the same "

@@ -161,12 +161,25 @@ def restore(method: Method, ctx: FitContext, path: str | Path) -> FitResult:
         raise ValueError(f"{path} is not a readable head or prompt file ({err}); use the head.safetensors or "
                          "prompt.safetensors of a finished run") from None
     if is_head:
-        head, _ = load_head(path, num_classes=ctx.num_classes, feature_dim=int(ctx.zs_text.shape[1]))
+        head, meta = load_head(path, num_classes=ctx.num_classes, feature_dim=int(ctx.zs_text.shape[1]))
+        check_head_meta(meta, ctx, path)
         return FitResult(head, {"head_from": str(path)})
     if not hasattr(method, "from_prompt"):
         raise ValueError(f"{path} holds context vectors, which only prompt-learning methods use; method "
                          f"{method.name!r} needs a head.safetensors file")
     return method.from_prompt(ctx, path)
+
+
+def check_head_meta(meta: dict, ctx: FitContext, path: str | Path) -> None:
+    """A saved head belongs to one class list (in order) and one backbone: refuse it elsewhere."""
+    names = meta.get("classnames")
+    if names is not None and [n.replace("_", " ") for n in names] != [c.replace("_", " ") for c in ctx.classnames]:
+        raise ValueError(f"{path} was fitted for the classes {names}; this dataset has {ctx.classnames} "
+                         "(names and order must match)")
+    fingerprint = meta.get("backbone_fingerprint")
+    if fingerprint is not None and ctx.backbone is not None and fingerprint != ctx.backbone.fingerprint():
+        raise ValueError(f"{path} was fitted on another backbone (weights fingerprint {fingerprint[:12]}, this one "
+                         f"{ctx.backbone.fingerprint()[:12]}); use the backbone it was fitted on")
 
 
 def fit_posthoc(name: str | None, head, val_feats: torch.Tensor | None, val_s: Sequence):

@@ -45,8 +45,12 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
          head_from: str | Path | None) -> dict:
     head_from = head_from if head_from is not None else resolved.get("head_from")
     if head_from is not None:
+        from calibprompt.settings import sha256_file
+
         resolved["resolved_method"]["trains"] = False
         resolved["head_from"] = str(head_from)
+        if Path(head_from).is_file():  # a new file at the same path is another run
+            resolved["head_from_sha256"] = sha256_file(head_from)
     run_hash = config_hash(resolved)
     done = finished_result(out_dir, run_hash)
     if done is not None:
@@ -97,7 +101,8 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     head = fitted.head.to(device)
     atomic_write_bytes(out_dir / "head.safetensors",
                        head_bytes(head, {"config_hash": run_hash, "method": method.name,
-                                         "classnames": list(dataset.classnames)}))
+                                         "classnames": list(dataset.classnames),
+                                         "backbone_fingerprint": backbone.fingerprint()}))
     for name, data in fitted.files.items():
         atomic_write_bytes(out_dir / name, data)
 
@@ -152,8 +157,9 @@ def changed_inputs(done: dict, resolved: dict) -> str:
     changes = []
     if [list(x) for x in pipeline._file_stamps(resolved["backbone"])] != [list(x) for x in recorded["weights_files"]]:
         changes.append(f"weight files under {resolved['backbone'].get('path')} changed")
-    dataset, _ = pipeline.open_split(resolved)
-    if dataset.fingerprint() != recorded["data"]:
+    from calibprompt.data import open_dataset
+
+    if open_dataset(resolved["data"]).fingerprint() != recorded["data"]:
         changes.append("images or labels of the dataset changed")
     return "; ".join(changes)
 

@@ -75,6 +75,9 @@ def check_tunable(resolved: dict) -> None:
     if method["posthoc"]:
         raise ValueError(f"method {method['name']!r} fits a post-hoc calibrator on the validation shots, "
                          "so they cannot also score it; tune the method without the '+' suffix")
+    if pipeline.build_method(resolved).needs_validation():
+        raise ValueError(f"method {method['name']!r} selects its hyper-parameters on the validation shots, which "
+                         "tuning keeps for scoring; give them explicitly (e.g. method.C for linear-probe)")
 
 
 def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_head: bool = False) -> dict[str, Any]:

@@ -69,7 +69,7 @@ class ZSLinearProbe(_CosineProbe):
 @register_method
 class CLAP(_CosineProbe):
     name = "clap"
-    formula = "ZS-LP + (1/K) Σ_k λ_k ||w_k − t_k||², λ_k = zero-shot accuracy of class k on its shots"
+    formula = "ZS-LP + (1/K) Σ_k λ_k ||w_k − t_k||², λ_k = mean zero-shot probability of class k on its shots"
     reference = "Silva-Rodríguez et al., CLAP (CVPR 2024)"
     params = {**_RECIPE, "multipliers": "zero-shot", "adaptive": False}
 

@@ -52,6 +52,13 @@ class CoOp(Method):
         """The head of context vectors saved by an earlier run (``prompt.safetensors``)."""
         from safetensors.torch import load_file
 
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            names = (handle.metadata() or {}).get("classnames")
+        if names is not None and json.loads(names) != [c.replace("_", " ") for c in ctx.classnames]:
+            raise ValueError(f"{path} holds context vectors learned for the classes {json.loads(names)}; this "
+                             f"dataset has {ctx.classnames}")
         learner = self.learner(ctx)
         ctx_tensor = load_file(str(path))["ctx"]
         if tuple(ctx_tensor.shape) != tuple(learner.ctx.shape):

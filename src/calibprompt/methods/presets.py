@@ -221,6 +221,13 @@ def resolve_method(name: str, **params: Any) -> MethodSpec:
             raise ValueError(f"method '{base}': loss {loss.name} needs {', '.join(sorted(missing))}, which a "
                              f"{cls.name} head does not provide; losses on logits alone (CE, LS, FL, SMAC, MDCA, ...) "
                              "work with every trained head")
+    if losses:
+        from calibprompt.losses import build_objective
+
+        try:
+            build_objective(losses)  # weights and parameters checked now, before any work
+        except ValueError as err:
+            raise ValueError(f"method '{base}': {err}") from None
     method = cls(losses=losses, **own)
     values = ", ".join(f"{k}={v!r}" for k, v in {**resolved, **own}.items())
     description = preset.formula + (f"  [{values}]" if values else "")
@@ -243,6 +250,9 @@ def normalise_losses(losses: Any, where: str) -> list[dict[str, Any]]:
         if spec is None or "name" not in spec:
             raise ValueError(f"{where}: loss #{i} must be a name or a mapping with a 'name' key, got {item!r}")
         canonical = get_loss(str(spec.pop("name")), **{k: v for k, v in spec.items() if k != "weight"}).name
+        weight = spec.get("weight")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))):
+            raise ValueError(f"{where}: loss {canonical} has weight {weight!r}; a weight is a number >= 0")
         out.append(_term(canonical, spec.pop("weight", None), **spec))
     return out
 

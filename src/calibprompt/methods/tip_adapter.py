@@ -63,10 +63,10 @@ class TipAdapter(Method):
                 raise ValueError(f"method '{self.name}': {key}={value!r} must be two positive numbers [beta, alpha]")
 
     def initial_head(self, ctx: FitContext) -> TipAdapterHead:
-        keys = F.normalize(pooled_support(ctx), dim=-1)
-        values = F.one_hot(ctx.labels.long(), ctx.num_classes).float()
+        keys = F.normalize(pooled_support(ctx), dim=-1).cpu()  # the head is built on CPU; run() moves it
+        values = F.one_hot(ctx.labels.long(), ctx.num_classes).float().cpu()
         scale = ctx.scale if self.hparams["scale"] is None else float(self.hparams["scale"])
-        return TipAdapterHead(ctx.zs_text, keys, values, self.hparams["alpha"], self.hparams["beta"], scale)
+        return TipAdapterHead(ctx.zs_text.cpu(), keys, values, self.hparams["alpha"], self.hparams["beta"], scale)
 
     def searched(self, ctx: FitContext, head: TipAdapterHead, info: dict) -> TipAdapterHead:
         if not self.hparams["search"] or ctx.val_features is None:
