@@ -212,6 +212,15 @@ def _md_tables(text: str) -> dict[str, dict[str, dict[str, str]]]:
     return tables
 
 
+def test_flagged_runs_are_listed_in_the_sweep_summary(local_sweep):
+    """The tiny random model barely learns: its runs are flagged, in the summary as in their metrics.json."""
+    summary = local_sweep["summary"]
+    assert summary["flagged"]
+    for entry in summary["flagged"]:
+        recorded = json.loads((local_sweep["out"] / "runs" / entry["run_id"] / "metrics.json").read_text())
+        assert entry["flags"] == [f["code"] for f in recorded["flags"]] and entry["flags"]
+
+
 def test_report_tables_match_the_store_cell_by_cell(local_sweep, capsys, tmp_path):
     out = local_sweep["out"]
     assert main(["report", str(out), "--metrics", "accuracy,ece,nll"]) == 0

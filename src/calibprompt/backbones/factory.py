@@ -55,7 +55,7 @@ def _detect_state(state: dict, path: Path) -> str:
 def _how_to_download(entry: BackboneEntry | None) -> str:
     if entry is None:
         return "Set backbone.path to a local checkpoint."
-    hub = f" `huggingface-cli download {entry.hub_id.removeprefix('hf-hub:')} --local-dir /models/{entry.name}`" \
+    hub = f" `hf download {entry.hub_id.removeprefix('hf-hub:')} --local-dir /models/{entry.name}`" \
         if entry.hub_id else ""
     return (f"Download {entry.title} ({entry.download}){' e.g.' + hub if hub else ''} and set backbone.path "
             f"to it (see docs/backbones.md).")

@@ -110,7 +110,7 @@ class HFClipBackbone(Backbone):
         else:
             raise WeightsError(
                 f"no weights in {folder}: expected one of {', '.join(WEIGHT_FILES)} "
-                "(download the hub folder, e.g. `huggingface-cli download vinid/plip --local-dir <folder>`)."
+                "(download the hub folder, e.g. `hf download vinid/plip --local-dir <folder>`)."
             )
         model = model.float() if precision == "fp32" else cast_floating_(model, DTYPES[precision])
         pre = _preprocessor_config(folder)

@@ -118,7 +118,7 @@ def bert_tokenizer(folder: str | Path):
     if not (folder / "vocab.txt").is_file():
         raise WeightsError(
             f"no vocab.txt in {folder}: MedCLIP needs the Bio_ClinicalBERT tokenizer files "
-            f"(`huggingface-cli download {TOKENIZER_HUB_ID} vocab.txt tokenizer_config.json --local-dir "
+            f"(`hf download {TOKENIZER_HUB_ID} vocab.txt tokenizer_config.json --local-dir "
             "<folder>`); set backbone.tokenizer_dir to that folder."
         )
     # BertTokenizer lower-cases by default, as Bio_ClinicalBERT's tokenizer_config asks.

@@ -94,7 +94,7 @@ def resolve_text_dir(model_cfg: dict, folder: Path | None, text_dir: str | Path 
         if missing:
             raise WeightsError(
                 f"backbone.text_dir {text_dir} lacks {', '.join(missing)}: it must hold the BERT text "
-                f"tower's config.json and tokenizer files (e.g. `huggingface-cli download {hf_name} "
+                f"tower's config.json and tokenizer files (e.g. `hf download {hf_name} "
                 f"config.json vocab.txt tokenizer_config.json --local-dir {text_dir}`)."
             )
         return str(text_dir)
@@ -106,7 +106,7 @@ def resolve_text_dir(model_cfg: dict, folder: Path | None, text_dir: str | Path 
         return None
     raise WeightsError(
         f"the text tower {hf_name!r} needs its BERT config.json and tokenizer files, and the hub is "
-        f"offline. Download them (`huggingface-cli download {hf_name} config.json vocab.txt "
+        f"offline. Download them (`hf download {hf_name} config.json vocab.txt "
         f"tokenizer_config.json --local-dir /models/{hf_name.split('/')[-1]}`) and set backbone.text_dir "
         "to that folder."
     )
@@ -181,7 +181,7 @@ class OpenClipBackbone(Backbone):
         if not config_path.is_file():
             raise WeightsError(
                 f"{config_path} not found: an open_clip model folder holds open_clip_config.json and "
-                f"one of {', '.join(WEIGHT_FILES)} (download it with `huggingface-cli download <hub id> "
+                f"one of {', '.join(WEIGHT_FILES)} (download it with `hf download <hub id> "
                 f"--local-dir {folder}`)."
             )
         config = json.loads(config_path.read_text())

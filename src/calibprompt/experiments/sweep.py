@@ -51,6 +51,7 @@ class SweepSummary:
     duplicates: int = 0
     seconds: float = 0.0
     failures: list[dict] = field(default_factory=list)
+    flagged: list[dict] = field(default_factory=list)  # runs done now whose results look meaningless
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -124,7 +125,8 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
             store.close()
     summary.seconds = time.perf_counter() - start
     log(f"sweep {grid.name}: {summary.done}/{summary.planned} done, {summary.failed} failed, "
-        f"{summary.executed} executed now in {summary.seconds:.1f} s; store {summary.store}")
+        f"{summary.executed} executed now in {summary.seconds:.1f} s; store {summary.store}"
+        + (f"; {len(summary.flagged)} flagged (see the report's list)" if summary.flagged else ""))
     return summary
 
 
@@ -160,6 +162,11 @@ def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cac
                     m = result["metrics"]
                     log(f"{prefix} done   {spec.title}: acc {m['accuracy'] * 100:.2f}% ECE {m['ece'] * 100:.2f}% "
                         f"({outcome.seconds:.1f} s)")
+                    for flag in result.get("flags") or []:
+                        log(f"{' ' * len(prefix)} flag   {flag['code']}: {flag['message']}")
+                    if result.get("flags"):
+                        summary.flagged.append({"run_id": spec.run_id, "title": spec.title,
+                                                "flags": [f["code"] for f in result["flags"]]})
                     continue
                 except Exception as err:  # noqa: BLE001 - a bad result is a failed run, not a dead sweep
                     error = f"{type(err).__name__}: {err}"
