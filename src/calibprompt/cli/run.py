@@ -6,7 +6,7 @@ import json
 
 
 def register(sub) -> None:
-    for name, helptext in (("train", "tune prompts on a config and evaluate them"),
+    for name, helptext in (("train", "fit a config's method (prompts, probe or adapter) and evaluate it"),
                            ("eval", "evaluate zero-shot (method: zeroshot), a saved head (--head) or prompt (--prompt)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", help="run config (YAML)")
@@ -23,7 +23,7 @@ def register(sub) -> None:
             p.add_argument("--prompt", help="prompt.safetensors of a finished prompt-learning run to evaluate")
         p.set_defaults(func=_run_command)
 
-    p = sub.add_parser("methods", help="list method presets")
+    p = sub.add_parser("methods", help="list every method (prompt learning, feature-space, zero-shot) with its formula")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_methods)
 
