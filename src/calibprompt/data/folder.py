@@ -30,8 +30,16 @@ def _visible(path: Path) -> list[Path]:
 def find_image_root(root: Path) -> Path:
     """``root`` itself, or ``root/images`` for BAPLe's layout (an ``images/`` folder holding
     ``train/``, possibly beside ``classnames.txt``)."""
-    dirs = [p for p in _visible(root) if p.is_dir()]
+    from .official import OFFICIAL_CACHE_FILES
+
+    dirs = [p for p in _visible(root) if p.is_dir() and p.name not in OFFICIAL_CACHE_FILES]
     if [p.name for p in dirs] == ["images"] and (root / "images" / "train").is_dir():
+        left = sorted(name for name in OFFICIAL_CACHE_FILES if (root / name).exists())
+        if left:  # written by the official code's first run: never read (nor unpickled) here
+            from calibprompt.progress import note
+
+            note(f"{root}: ignoring the official code's cache files {left} (import its few-shot split with "
+                 "split_file: .../split_fewshot/shot_<k>-seed_<s>.pkl)", key=f"official-cache:{root}")
         return root / "images"
     return root
 

@@ -33,7 +33,11 @@ def open_split(resolved: dict):
     from calibprompt.data import FewShotSplit, make_split, open_dataset
 
     dataset = open_dataset(resolved["data"])
-    if resolved.get("split_file"):
+    if resolved.get("split_file") and str(resolved["split_file"]).endswith(".pkl"):
+        from calibprompt.data.official import import_official_split  # the official code's split pickle
+
+        split = import_official_split(resolved["split_file"], dataset)
+    elif resolved.get("split_file"):
         split = FewShotSplit.from_json(resolved["split_file"], dataset)
     else:
         split = make_split(dataset, shots=int(resolved["shots"]), seed=int(resolved["seed"]),
