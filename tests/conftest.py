@@ -17,5 +17,9 @@ def require_shared(relative: str):
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own feature cache so tests never see each other's files."""
+    """Every test gets its own feature cache so tests never see each other's files, and its own record of
+    the notes already shown (notes show once per process; a test must not depend on which ran before)."""
+    import calibprompt.progress
+
     monkeypatch.setenv("CALIBPROMPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(calibprompt.progress, "_seen", set())
