@@ -42,14 +42,27 @@ def _notes_to_stderr() -> None:
     from calibprompt.progress import note
 
     logger = logging.getLogger("calibprompt")
-    if not any(getattr(h, "_calibprompt_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("calibprompt: note: %(message)s"))
-        handler._calibprompt_cli = True  # type: ignore[attr-defined]
         handler.setLevel(logging.WARNING)
-        logger.addHandler(handler)
-        logger.propagate = False
+        logger.addHandler(handler)  # records still propagate: an application's own logging sees them too
     warnings.showwarning = lambda message, *_args, **_kwargs: note(str(message))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be replaced)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _raised_by_us(err: BaseException) -> bool:
