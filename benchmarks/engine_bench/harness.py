@@ -35,10 +35,11 @@ def sweep_configs(n: int) -> list[tuple[float, float]]:
 
 
 def objective_for(alpha: float, lam: float):
+    """The CalibPrompt objective of one configuration, from the method preset the engine path resolves."""
     from calibprompt.losses import build_objective
+    from calibprompt.methods import resolve_method
 
-    return build_objective([{"name": "LS", "alpha": alpha}, {"name": "SMAC", "alpha": alpha},
-                            {"name": "AS", "weight": lam}])
+    return build_objective(resolve_method("calibprompt", alpha=alpha, lambda_as=lam).losses)
 
 
 def sync(device: torch.device) -> None:

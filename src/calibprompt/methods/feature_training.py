@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from calibprompt.methods.base import FitContext
-from calibprompt.methods.prompt_training import view_schedule
+from calibprompt.methods.prompt_training import class_logits, view_schedule
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def train_head(ctx: FitContext, params: list[torch.Tensor], forward: Callable[[t
             feats = views[idx.to(ctx.device), schedule[epoch, idx].to(ctx.device)]
             extra: dict = {}
             if needs & {"zs_logits", "zs_text_features"}:
-                extra = {"zs_logits": ctx.scale * F.normalize(feats, dim=-1) @ zs_text.t(),
+                extra = {"zs_logits": class_logits(feats, zs_text, ctx.scale),
                          "zs_text_features": zs_text}
             text = prototypes() if prototypes is not None and "text_features" in needs else None
             loss = objective(forward(feats), labels[idx.to(ctx.device)], text, **extra)

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from calibprompt.losses import get_loss
+from calibprompt.losses import build_objective, get_loss
 from calibprompt.losses.registry import LOSSES
 from calibprompt.methods import clap, clip_adapter, coop, linear_probe, lp_plus_plus, tip_adapter, zeroshot  # noqa: F401
 from calibprompt.methods.base import METHODS, Method
@@ -211,23 +211,17 @@ def resolve_method(name: str, **params: Any) -> MethodSpec:
         losses = normalise_losses(explicit_losses, f"method '{base}'")
     else:
         losses = preset.build(**resolved) if cls.takes_losses else []
-    for spec in losses:
-        try:
-            loss = get_loss(spec["name"], **{k: v for k, v in spec.items() if k not in ("name", "weight")})
+    if losses:
+        try:  # every loss, parameter and weight checked now, before any work
+            objective = build_objective(losses)
         except ValueError as err:
             raise ValueError(f"method '{base}' with {resolved}: {err}") from None
-        missing = set(loss.needs) - set(cls.loss_inputs)
-        if missing:
-            raise ValueError(f"method '{base}': loss {loss.name} needs {', '.join(sorted(missing))}, which a "
-                             f"{cls.name} head does not provide; losses on logits alone (CE, LS, FL, SMAC, MDCA, ...) "
-                             "work with every trained head")
-    if losses:
-        from calibprompt.losses import build_objective
-
-        try:
-            build_objective(losses)  # weights and parameters checked now, before any work
-        except ValueError as err:
-            raise ValueError(f"method '{base}': {err}") from None
+        for loss in objective.losses:
+            missing = set(loss.needs) - set(cls.loss_inputs)
+            if missing:
+                raise ValueError(f"method '{base}': loss {loss.name} needs {', '.join(sorted(missing))}, which a "
+                                 f"{cls.name} head does not provide; losses on logits alone (CE, LS, FL, SMAC, MDCA, "
+                                 "...) work with every trained head")
     method = cls(losses=losses, **own)
     values = ", ".join(f"{k}={v!r}" for k, v in {**resolved, **own}.items())
     description = preset.formula + (f"  [{values}]" if values else "")
