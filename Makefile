@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-quick clean
+.PHONY: venv test demo bench bench-quick bench-encode clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,9 @@ bench-quick: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py --json bench.json
+
+bench-encode: $(STAMP)
+	$(BIN)/python benchmarks/bench_encode.py --quick --json bench_encode.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache build dist src/*.egg-info

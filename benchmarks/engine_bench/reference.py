@@ -45,11 +45,18 @@ class PathStats:
     prompt_length: int = 0
 
 
+def _seeded(transform, image, seed: int) -> torch.Tensor:
+    """torchvision's transform under the global RNG seeded with ``seed`` (the official code's way)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(image)
+
+
 def run_reference(backbone, dataset, train_s, test_s, alpha, lam, settings, seed, *, augment: bool,
                   n_views: int, aug_seed: int, n_ctx: int, device, stats: PathStats,
                   test_batch: int = 100) -> tuple[dict, torch.Tensor]:
     """One configuration, official-code style. Returns (metrics, test logits)."""
-    from calibprompt.features.cache import FeatureCache, _apply
+    from calibprompt.features.cache import FeatureCache, view_seed
     from calibprompt.methods.prompt_training import class_logits, make_optimizer, view_schedule
 
     objective = objective_for(alpha, lam)
@@ -71,8 +78,9 @@ def run_reference(backbone, dataset, train_s, test_s, alpha, lam, settings, seed
         if views is None:
             return torch.stack([test_tf(dataset.load(s)) for s in samples])
         # on-the-fly augmentation; each (image, view) crop is seeded as the engine's view bank seeds it
-        return torch.stack([_apply(train_tf, dataset.load(s),
-                                   FeatureCache.key(weights, train_desc, dataset.content_hash(s), int(v), aug_seed))
+        return torch.stack([_seeded(train_tf, dataset.load(s),
+                                    view_seed(FeatureCache.key(weights, train_desc, dataset.content_hash(s), int(v),
+                                                               aug_seed)))
                             for s, v in zip(samples, views)])
 
     dtype = next(backbone.parameters()).dtype

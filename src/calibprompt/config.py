@@ -45,9 +45,12 @@ DEFAULTS: dict[str, Any] = {
     "eval": {"n_bins": 10, "batch_size": 100},
     "device": "cpu",  # "cpu", "cuda", "cuda:N" or "auto"
     "cache_dir": None,  # feature cache root; None = $CALIBPROMPT_CACHE or ~/.cache/calibprompt
+    # image encoding: processes decoding images beside the encoder (0 = in its thread; "auto" decides
+    # from the first batch) and images per encoder batch (docs/performance.md)
+    "encode": {"workers": "auto", "batch_size": 32},
 }
 OPEN_SECTIONS = ("backbone", "data", "method")
-NOT_HASHED = ("device", "cache_dir", "name")
+NOT_HASHED = ("device", "cache_dir", "name", "encode")  # none of them changes a result
 
 
 class _Loader(yaml.SafeLoader):
@@ -146,7 +149,7 @@ SCHEMA: dict[str, tuple] = {
     "train.warmup_epochs": ("int", 0, None), "train.warmup_lr": ("float", 0, None),
     "train.optimizer": (("sgd", "adam"), None, None), "train.drop_last": ("bool", None, None),
     "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
-    "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None),
+    "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "encode.batch_size": ("int", 1, None),
     "device": ("str", None, None), "name": ("str", None, None),
 }
 _KINDS = {"int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
@@ -181,6 +184,9 @@ def check_types(cfg: dict) -> None:
                 if high is not None:
                     bound += (" and " if bound else "") + f"<= {high}"
                 problems.append(f"{dotted}: {value!r} is out of range (must be {bound})")
+    workers = _lookup(cfg, "encode.workers")
+    if workers != "auto" and not (_KINDS["int"][1](workers) and workers >= 0):
+        problems.append(f"encode.workers: {workers!r} is not a whole number >= 0 or 'auto'")
     if problems:
         raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
 

@@ -84,7 +84,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     t = time.perf_counter()
     backbone = pipeline.loaded_backbone(resolved["backbone"], device)
     timings["load_backbone"] = time.perf_counter() - t
-    cache = cache or FeatureCache(resolved.get("cache_dir"))
+    cache = cache or FeatureCache(resolved.get("cache_dir"), **resolved["encode"])
     method = pipeline.build_method(resolved)
     encoded_before = cache.encoded
 

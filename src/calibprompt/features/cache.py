@@ -18,19 +18,28 @@ import hashlib
 import logging
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from calibprompt.backbones.base import Backbone
+from calibprompt.features.loader import BatchBuilder, Item, auto_batches, check_workers, pixel_batches
 from calibprompt.progress import note
 from calibprompt.progress import progress as make_progress
 from calibprompt.settings import cache_dir, sha256_json
 
 log = logging.getLogger(__name__)
+
+
+# Images per encoder batch. Measured on 2 CPU cores (docs/performance.md): ViT-B/32 encodes 16-32 images per
+# batch at the same rate and 64 about 15% slower; not measured on a GPU here. Padding every batch to this
+# size is what keeps a feature independent of its batch mates, so it is one number per cache.
+ENCODE_BATCH = 32
 
 
 class FeatureCache:
@@ -39,12 +48,20 @@ class FeatureCache:
     ``encoded`` counts images actually passed through the image encoder (cache misses), so reuse can
     be measured; ``hits`` counts features served from memory or disk."""
 
-    def __init__(self, root: str | Path | None = None, memory: bool = True):
+    def __init__(self, root: str | Path | None = None, memory: bool = True, workers: int | str = "auto",
+                 loader_kind: str = "process", batch_size: int = ENCODE_BATCH):
+        check_workers(workers, loader_kind)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"encode batch size must be a whole number >= 1, got {batch_size!r}")
+        self.batch_size = batch_size
         self.root = Path(root) if root is not None else cache_dir() / "features"
+        self.workers = workers  # processes (or threads) decoding ahead of the encoder; features.loader
+        self.loader_kind = loader_kind
         self.memory: dict[str, torch.Tensor] | None = {} if memory else None
         self.encoded = 0
         self.hits = 0
         self.writable = True  # False after a failed write (full or read-only disk)
+        self._dirs: set[Path] = set()  # shard folders known to exist (one mkdir each, not one per file)
 
     # ---- keys ---------------------------------------------------------------------------------
     @staticmethod
@@ -57,14 +74,14 @@ class FeatureCache:
 
     # ---- public ---------------------------------------------------------------------------------
     def features(self, backbone: Backbone, dataset, samples: Sequence, view: int | None = None,
-                 aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+                 aug_seed: int = 0, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
         """(N, embed_dim) float32 features of ``samples`` (test transform when ``view`` is None,
         else augmentation view ``view``). Missing ones are computed in batches and stored."""
         return self.prefetch(backbone, dataset, [(samples, view)], aug_seed=aug_seed, batch_size=batch_size,
                              progress=progress)[0]
 
     def run_features(self, backbone: Backbone, dataset, eval_sets: Sequence[Sequence], train: Sequence = (),
-                     n_views: int | None = None, aug_seed: int = 0, batch_size: int = 32,
+                     n_views: int | None = None, aug_seed: int = 0, batch_size: int | None = None,
                      progress: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
         """What one run needs, in one encoder stream (so at most one padded batch): the features of each
         of ``eval_sets`` (test transform) and the training views of ``train``, shaped (N, V, D):
@@ -78,7 +95,7 @@ class FeatureCache:
         return feats[: len(eval_sets)], train_views
 
     def prefetch(self, backbone: Backbone, dataset, groups: Sequence[tuple[Sequence, int | None]],
-                 aug_seed: int = 0, batch_size: int = 32, progress: bool = False) -> list[torch.Tensor]:
+                 aug_seed: int = 0, batch_size: int | None = None, progress: bool = False) -> list[torch.Tensor]:
         """Features of several ``(samples, view)`` groups at once: ``[features(samples, view), ...]``.
 
         Every missing feature of every group is encoded in one stream of batches, so a caller that
@@ -95,45 +112,51 @@ class FeatureCache:
             out.append(found)
             todo += [(g, i, samples[i], keys[i], train) for i, f in enumerate(found) if f is None]
         if todo:
-            self._encode(backbone, dataset, todo, out, weights, batch_size, progress)
+            self._encode(backbone, dataset, todo, out, weights, int(batch_size or self.batch_size), progress)
         return [torch.stack(feats) if feats else torch.empty(0, dim) for feats in out]  # type: ignore[misc]
 
     def _encode(self, backbone: Backbone, dataset, todo: list, out: list, weights: str, batch_size: int,
                 progress: bool) -> None:
-        transforms = {}
         device = next(backbone.parameters()).device
-        dtype = next(backbone.parameters()).dtype
         trains = {t[4] for t in todo}
         what = "augmented views" if trains == {True} else ("test images" if trains == {False} else "images")
         bar = make_progress(len(todo), f"encoding {what}", progress)
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            tensors = []
-            for _, _, sample, key, train in chunk:
-                if train not in transforms:
-                    transforms[train] = backbone.image_transform(train)
-                tensors.append(_apply(transforms[train], dataset.load(sample), key if train else None))
-            pixels = torch.stack(tensors)
-            # Always encode a full batch (zero-padded): the encoder's output for one image changes in
-            # the last bits with the batch size, so without padding a cached feature would depend on
-            # which other images happened to be missing, i.e. on the order in which runs executed.
-            if len(chunk) < batch_size:
-                pad = pixels.new_zeros((batch_size - len(chunk), *pixels.shape[1:]))
-                pixels = torch.cat([pixels, pad])
+        chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        # Every batch has exactly ``batch_size`` rows (zero-padded): the encoder's output for one image
+        # changes in the last bits with the batch size, so without padding a cached feature would depend
+        # on which other images happened to be missing, i.e. on the order in which runs executed.
+        builder = BatchBuilder(dataset, backbone.preprocess,
+                               [[Item(t[2], t[4], view_seed(t[3]) if t[4] else None) for t in chunk] for chunk in chunks],
+                               batch_size, dtype=backbone.dtype)
+        pin = device.type == "cuda"
+        batches = auto_batches(builder, device, self.loader_kind, pin) if self.workers == "auto" else \
+            pixel_batches(builder, self.workers, self.loader_kind, pin)
+        pending: list = []
+        with ThreadPoolExecutor(1, thread_name_prefix="calibprompt-cache-writer") as pool:
+            write = lambda *args: pending.append(pool.submit(self._write, *args))  # noqa: E731
+            self._encode_batches(backbone, chunks, batches, out, weights, device, write, bar)
+        for done in pending:  # the pool has finished: surface any error but a disk's (those turn the cache off)
+            done.result()
+        if bar is not None:
+            bar.close()
+
+    def _encode_batches(self, backbone, chunks, batches, out, weights, device, write, bar) -> None:
+        """Encode each pixel batch and hand its rows to ``out``, the memory cache and ``write`` (the disk,
+        on a background thread). The caller waits for the writes: when ``features`` returns, every file
+        is in place."""
+        for chunk, pixels in zip(chunks, batches):
             with torch.no_grad():
-                feats = backbone.encode_image(pixels.to(device=device, dtype=dtype)).float().cpu()
+                feats = backbone.encode_image(pixels.to(device, non_blocking=True)).float().cpu()
             feats = feats[: len(chunk)]
             self.encoded += len(chunk)
             for (g, i, _, key, _), feat in zip(chunk, feats):
                 feat = feat.clone()  # own storage: a cached row must not keep its whole batch alive
                 out[g][i] = feat
-                self._store(weights, key, feat)
-            del tensors, pixels, feats
+                self._store(weights, key, feat, write)
+            del pixels, feats
             _release_freed_memory()
             if bar is not None:
                 bar.update(len(chunk))
-        if bar is not None:
-            bar.close()
 
     # ---- storage --------------------------------------------------------------------------------
     def _lookup(self, weights: str, key: str, dim: int) -> torch.Tensor | None:
@@ -171,20 +194,34 @@ class FeatureCache:
             self.memory[key] = feat
         return feat
 
-    def _store(self, weights: str, key: str, feat: torch.Tensor) -> None:
+    def _store(self, weights: str, key: str, feat: torch.Tensor, write=None) -> None:
+        """Keep ``feat`` in memory and write it to disk, through ``write`` (it queues ``_write`` on a
+        background thread) when given: creating small files is slow on some disks (0.8 ms each measured
+        here, more than encoding the image on the micro model), and the encoder need not wait for it."""
         if self.memory is not None:
             self.memory[key] = feat
         if not self.writable:
             return
+        (write or self._write)(weights, key, feat)
+
+    def _write(self, weights: str, key: str, feat: torch.Tensor, retry: bool = True) -> None:
+        if not self.writable:
+            return
         path = self._path(weights, key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{id(feat)}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"feature": feat.contiguous()}, str(tmp), metadata={"key": key, "sha256": _digest(feat)})
+            if path.parent not in self._dirs:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._dirs.add(path.parent)
+            data = save({"feature": feat.contiguous()}, metadata={"key": key, "sha256": _digest(feat)})
+            _write_bytes(tmp, data)
             os.replace(tmp, path)  # atomic; a concurrent writer of the same key writes the same bytes
         except OSError as err:
-            # The cache is an optimisation: a full or read-only disk must not fail the run.
             tmp.unlink(missing_ok=True)
+            if retry and isinstance(err, FileNotFoundError):  # the folder was removed meanwhile: make it again
+                self._dirs.discard(path.parent)
+                return self._write(weights, key, feat, retry=False)
+            # The cache is an optimisation: a full or read-only disk must not fail the run.
             self.writable = False
             note(f"feature cache: cannot write under {self.root} ({err.strerror or err}); features are kept in "
                  "memory for this process only. Free space or set CALIBPROMPT_CACHE / cache_dir to another folder.")
@@ -219,17 +256,17 @@ class _Legacy(Exception):
     """A cache entry from before checksums were stored."""
 
 
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:  # Python's write releases the GIL (safetensors' save_file does not)
+        handle.write(data)
+
+
 def _digest(feat: torch.Tensor) -> str:
     """sha256 of a feature's float32 bytes: detects a flipped byte anywhere in a cached file."""
     return hashlib.sha256(feat.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
-def _apply(transform, image, view_key: str | None) -> torch.Tensor:
-    """Apply ``transform``; for an augmentation view, seed its randomness from the view's key so
-    the same (image, view) always gives the same crop and flip, whatever process computes it."""
-    if view_key is None:
-        return transform(image)
-    seed = int.from_bytes(hashlib.sha256(view_key.encode()).digest()[:8], "little") & (2**63 - 1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return transform(image)
+def view_seed(view_key: str) -> int:
+    """The seed of an augmentation view's crop and flip, from its cache key: the same (image, view, aug_seed)
+    gives the same crop in every process, thread and run."""
+    return int.from_bytes(hashlib.sha256(view_key.encode()).digest()[:8], "little") & (2**63 - 1)
