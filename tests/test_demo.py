@@ -9,8 +9,8 @@ import pytest
 
 from calibprompt.cli import main
 from calibprompt.demo import load_demo_config, parse_seeds, verdict
-from calibprompt.pretrain import PretrainSettings, pretrain_micro, task_text
 from tests.conftest import require_shared
+from tests.tiny_models import pretrain_tiny_micro
 
 TINY_CONFIG = """
 run:
@@ -27,14 +27,7 @@ methods:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    path = require_shared("medmnist/pneumoniamnist.npz")
-    cfg = {"source": "medmnist", "path": str(path), "name": "pneumoniamnist",
-           "template": task_text("pneumoniamnist").zero_shot}
-    folder = tmp_path_factory.mktemp("model") / "micro"
-    settings = PretrainSettings(steps=20, batch_size=32, width=32, vision_layers=1, text_layers=1,
-                                captions_per_group=4, eval_every=20, threads=1)
-    pretrain_micro([cfg], folder, settings, progress=False, log=lambda m: None)
-    return folder
+    return pretrain_tiny_micro(tmp_path_factory.mktemp("model") / "micro", steps=20)
 
 
 def test_demo_cli_writes_table_summary_and_report(tiny_model, tmp_path, capsys, monkeypatch):

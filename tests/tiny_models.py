@@ -44,3 +44,19 @@ def write_image_folder(root: Path, classes=("normal", "tumor"), n_train: int = 1
                 pixels = np.clip(rng.normal(base, 40, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(pixels).save(folder / f"{name}_{i:03d}.png")
     return root
+
+
+def pretrain_tiny_micro(folder: Path, steps: int = 20) -> Path:
+    """A micro model (width 32, one layer per tower) pretrained for ``steps`` steps on PneumoniaMNIST:
+    20 steps (seconds) when its quality does not matter, 300 (~10 s, ~83% zero-shot val accuracy) when it
+    must be a usable classifier."""
+    from calibprompt.pretrain import PretrainSettings, pretrain_micro, task_text
+    from tests.conftest import require_shared
+
+    path = require_shared("medmnist/pneumoniamnist.npz")
+    cfg = {"source": "medmnist", "path": str(path), "name": "pneumoniamnist",
+           "template": task_text("pneumoniamnist").zero_shot}
+    settings = PretrainSettings(steps=steps, batch_size=32, width=32, vision_layers=1, text_layers=1,
+                                captions_per_group=4, eval_every=steps, threads=1)
+    pretrain_micro([cfg], folder, settings, progress=False, log=lambda m: None)
+    return folder

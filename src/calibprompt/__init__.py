@@ -35,6 +35,8 @@ _API: dict[str, str] = {
     "open_dataset": "calibprompt.data",
     "make_split": "calibprompt.data",
     "FeatureCache": "calibprompt.features",
+    "CalibPromptClassifier": "calibprompt.deploy",
+    "load_model": "calibprompt.deploy",
 }
 __all__ = ["__version__", *sorted(_API)]
 
@@ -43,6 +45,7 @@ if TYPE_CHECKING:  # for editors and type checkers; at run time names load on fi
     from calibprompt.calibration import get_calibrator, register_calibrator
     from calibprompt.config import load_config, resolve
     from calibprompt.data import make_split, open_dataset
+    from calibprompt.deploy import CalibPromptClassifier, load_model
     from calibprompt.engine.run import run
     from calibprompt.features import FeatureCache
     from calibprompt.losses import build_objective, get_loss, list_losses

@@ -48,7 +48,12 @@ DEFAULTS: dict[str, Any] = {
     # image encoding: processes decoding images beside the encoder (0 = in its thread; "auto" decides
     # from the first batch) and images per encoder batch (docs/performance.md)
     "encode": {"workers": "auto", "batch_size": 32},
+    # decisions fitted on the validation shots after the post-hoc calibrator (docs/deploy.md): split
+    # conformal prediction sets at level alpha (null: off), and abstention for a target risk (null: off)
+    "conformal": {"alpha": None, "score": "aps", "lambda": 0.001, "k_reg": 1, "randomized": True, "by_class": False},
+    "selective": {"target_risk": None},
 }
+OFF_WHEN_NULL = {"conformal": "alpha", "selective": "target_risk"}  # left out of the run identity while off
 OPEN_SECTIONS = ("backbone", "data", "method")
 NOT_HASHED = ("device", "cache_dir", "name", "encode")  # none of them changes a result
 
@@ -150,6 +155,10 @@ SCHEMA: dict[str, tuple] = {
     "train.optimizer": (("sgd", "adam"), None, None), "train.drop_last": ("bool", None, None),
     "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
     "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "encode.batch_size": ("int", 1, None),
+    "conformal.alpha": ("float", "(0", 0.5), "conformal.score": (("lac", "aps", "raps"), None, None),
+    "conformal.lambda": ("float", 0, None), "conformal.k_reg": ("int", 0, None), "conformal.randomized": ("bool", None, None),
+    "conformal.by_class": ("bool", None, None),
+    "selective.target_risk": ("float", 0, 0.99),
     "device": ("str", None, None), "name": ("str", None, None),
 }
 _KINDS = {"int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
@@ -240,6 +249,10 @@ def resolve(cfg: dict) -> dict:
     if spec.build().needs_validation() and int(out["val_shots"]) < 1 and not out.get("split_file"):
         raise ConfigError(f"method {spec.name!r} selects its hyper-parameters on validation shots: set val_shots "
                           "(e.g. val_shots: 4) or give the parameter explicitly (e.g. method.C for linear-probe)")
+    for section, key in OFF_WHEN_NULL.items():
+        if out[section][key] is not None and int(out["val_shots"]) < 1 and not out.get("split_file"):
+            raise ConfigError(f"{section}.{key} is set, and {section} decisions are fitted on the validation shots: "
+                              "set val_shots (conformal sets at alpha need about 1/alpha of them in all)")
     from calibprompt.data import check_data_config
 
     check_data_config(out["data"])  # unknown data keys fail before any model is loaded
@@ -267,7 +280,9 @@ def backbone_default(backbone_cfg: dict, key: str, fallback: Any) -> Any:
 
 def config_hash(resolved: dict) -> str:
     """Identity of a run: sha256 of the resolved config minus keys that cannot change its results."""
-    return sha256_json({k: v for k, v in resolved.items() if k not in NOT_HASHED})
+    # a decision section that is off is left out, so adding one to calibprompt kept older runs' identity
+    return sha256_json({k: v for k, v in resolved.items() if k not in NOT_HASHED
+                        and not (k in OFF_WHEN_NULL and (v or {}).get(OFF_WHEN_NULL[k]) is None)})
 
 
 def dump(cfg: dict) -> str:

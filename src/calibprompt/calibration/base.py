@@ -94,8 +94,12 @@ class Calibrator:
             raise ValueError(f"{self.name}: not fitted yet")
         return {"num_classes": self.num_classes, "n_fit": self.n_fit, **self._fitted()}
 
+    def to_dict(self) -> dict[str, Any]:
+        """Name, constructor parameters and what was learned: :func:`calibrator_from_dict` restores it."""
+        return {"calibrator": self.name, "params": self.get_params(), "fitted": self.fitted_params()}
+
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, {"calibrator": self.name, "params": self.get_params(), "fitted": self.fitted_params()})
+        atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibrator":
@@ -171,7 +175,12 @@ def get_calibrator(name: str, **params: Any) -> Calibrator:
 
 def load_calibrator(path: str | Path) -> Calibrator:
     """A fitted calibrator restored from a JSON file written by ``Calibrator.save``."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return calibrator_from_dict(json.loads(Path(path).read_text(encoding="utf-8")), str(path))
+
+
+def calibrator_from_dict(data: dict, where: str = "calibrator") -> Calibrator:
+    """A fitted calibrator from :meth:`Calibrator.to_dict` output."""
+    path = where
     try:
         cal = get_calibrator(data["calibrator"], **data.get("params", {}))
         fitted = data["fitted"]

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = ["run", "models", "data", "experiments", "demo"]
+COMMAND_MODULES = ["run", "deploy", "models", "data", "experiments", "demo"]
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from calibprompt.demo.config import load_demo_config, parse_seeds, resolve_dataset, write_splits
-from calibprompt.demo.report import draw_figures, format_paired, format_table, summarise, write_per_seed, write_report
+from calibprompt.demo.report import (draw_figures, format_conformal, format_paired, format_table, summarise,
+                                     write_per_seed, write_report)
 from calibprompt.reporting.stats import paired_differences
 from calibprompt.settings import atomic_write_json, cache_dir, slug
 
@@ -92,6 +93,9 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     table = format_table(rows)
     print(table)
     print(format_paired(paired, reference))
+    conformal = format_conformal(rows, reference)
+    if conformal:
+        print("\n" + conformal)
     say(f"done in {timings['total'] / 60:.1f} min; report {out / 'report.md'}, table {out / 'summary.json'}")
     return {"rows": rows, "paired": paired, "info": info, "table": table}
 

@@ -40,12 +40,63 @@ def summarise(methods: list[dict], results: dict, dataset: str, seeds: list[int]
         row["ece_reference_mean"] = float(ref_ece.mean())  # the official code's ECE convention (Q4)
         row["ece_reference_std"] = float(ref_ece.std(ddof=1)) if len(seeds) > 1 else 0.0
         row["confidence_mean"] = float(values(results[label], "confidence", seeds).mean())
+        for key in DECISION_METRICS:  # conformal sets and selective prediction, when the runs fitted them
+            if all(key in results[label][s]["result"]["metrics"] for s in seeds):
+                v = values(results[label], key, seeds)
+                row[f"{key}_mean"], row[f"{key}_per_seed"] = float(v.mean()), v.tolist()
+                row[f"{key}_std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        conformal = results[label][seeds[0]]["result"].get("conformal")
+        if conformal:
+            row["conformal_alpha"], row["conformal_score"] = conformal["alpha"], conformal["score"]
         temps = [((results[label][s]["result"].get("posthoc") or {}).get("params") or {}).get("temperature")
                  for s in seeds]
         if any(t is not None for t in temps):
             row["temperature_per_seed"] = temps
         rows.append(row)
     return rows
+
+
+DECISION_METRICS = ("cp_coverage", "cp_set_size", "cp_singleton", "cp_ccv", "aurc")
+
+
+def format_conformal(rows: list[dict], reference: str | None, markdown: bool = False) -> str:
+    """Coverage, mean set size, singleton share and class coverage gap of each method's conformal sets, and
+    whether each CalibPrompt row gave smaller sets than the reference (CoOp-CE) at the same target."""
+    rows = [r for r in rows if "cp_coverage_mean" in r]
+    if not rows:
+        return ""
+    alpha, score = rows[0]["conformal_alpha"], rows[0]["conformal_score"]
+    heads = ["Method", "Coverage (%)", "Set size", "Singletons (%)", "CCV (%)", "AURC (%)"]
+    body = [[r["label"], _cell(r, "cp_coverage", True), _cell(r, "cp_set_size", False),
+             _cell(r, "cp_singleton", True), _cell(r, "cp_ccv", True), _cell(r, "aurc", True)] for r in rows]
+    title = (f"Conformal prediction sets ({score.upper()}, alpha {alpha}: target coverage {100 * (1 - alpha):.0f}%), "
+             "calibrated on the validation shots")
+    if markdown:
+        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * 5) + "|"]
+        lines += ["| " + " | ".join(b) + " |" for b in body]
+    else:
+        widths = [max(len(x[i]) for x in [heads] + body) for i in range(len(heads))]
+        lines = [title, "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
+        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
+    lines += ["", *set_size_readings(rows, reference)]
+    return "\n".join(lines)
+
+
+def set_size_readings(rows: list[dict], reference: str | None) -> list[str]:
+    """One sentence per CalibPrompt row: smaller or larger sets than the reference, at what coverage."""
+    ref = next((r for r in rows if r["label"] == reference), None)
+    if ref is None:
+        return []
+    out = []
+    for r in rows:
+        if not r["method"].startswith("calibprompt"):
+            continue
+        smaller = r["cp_set_size_mean"] < ref["cp_set_size_mean"]
+        out.append(f"{r['label']}: mean set size {r['cp_set_size_mean']:.3f} vs {ref['cp_set_size_mean']:.3f} for "
+                   f"{reference} ({'smaller' if smaller else 'not smaller'}), coverage "
+                   f"{100 * r['cp_coverage_mean']:.1f}% vs {100 * ref['cp_coverage_mean']:.1f}%: better calibration "
+                   + ("gave smaller sets here." if smaller else "did not give smaller sets here."))
+    return out
 
 
 def _cell(row: dict, key: str, percent: bool) -> str:
@@ -104,15 +155,10 @@ def write_per_seed(path: Path, methods: list[dict], results: dict, seeds: list[i
 
 def _pooled_predictions(results: dict[int, dict]) -> tuple[np.ndarray, np.ndarray]:
     """Test-set probabilities and labels of every seed, stacked (each seed predicts the same test set)."""
-    probs, labels = [], []
-    for rec in results.values():
-        with open(Path(rec["dir"]) / "predictions.csv", newline="") as handle:
-            reader = csv.reader(handle)
-            next(reader)
-            for row in reader:
-                labels.append(int(row[1]))
-                probs.append([float(v) for v in row[3:]])
-    return np.array(probs), np.array(labels)
+    from calibprompt.reporting.collect import read_predictions
+
+    pairs = [read_predictions(Path(rec["dir"]) / "predictions.csv") for rec in results.values()]
+    return np.concatenate([p for p, _ in pairs]), np.concatenate([y for _, y in pairs])
 
 
 def _save(fig, path: Path) -> None:
@@ -218,6 +264,14 @@ def write_report(path: Path, rows: list[dict], paired: list[dict], info: dict, f
                 + ", ".join(f"{x * 100:+.1f}" for x in e["per_seed"]) + f" | {a['mean'] * 100:+.2f} | "
                 + ", ".join(f"{x * 100:+.1f}" for x in a["per_seed"]) + f" | {rec['verdict']} |")
         lines.append("")
+    conformal = format_conformal(rows, reference, markdown=True)
+    if conformal:
+        first = next(r for r in rows if "cp_coverage_mean" in r)
+        lines += [f"## Conformal prediction sets ({first['conformal_score'].upper()}, alpha {first['conformal_alpha']})",
+                  "", "Split conformal sets calibrated on each seed's validation shots after any post-hoc "
+                  "calibrator (docs/deploy.md); target coverage "
+                  f"{100 * (1 - first['conformal_alpha']):.0f}%. Smaller sets at the same coverage are more useful; "
+                  "CCV is the mean gap between each class's coverage and the target.", "", conformal, ""]
     lines += ["## Reliability diagrams", "",
               f"![reliability]({figures['reliability']})", "",
               "Test predictions of all seeds pooled per method. Each run's own diagram is "

@@ -19,6 +19,7 @@ import platform
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from calibprompt import __version__
@@ -47,21 +48,27 @@ def finished_result(out_dir: str | Path, run_hash: str | None = None) -> dict | 
     return result
 
 
-def predictions_csv(samples, logits: torch.Tensor, classnames: list[str] | None = None) -> str:
+def predictions_csv(samples, logits: torch.Tensor, classnames: list[str] | None = None, sets=None,
+                    abstain=None) -> str:
     """Per sample: ref, label, predicted class and the class probabilities (softmax in float64), one
-    column per class named ``prob_<class name>`` (``prob_<k>`` without names)."""
+    column per class named ``prob_<class name>`` (``prob_<k>`` without names); with ``sets`` (N, K) the
+    conformal set as class indices joined by ``|``, with ``abstain`` (N,) the abstention flag."""
     probs = torch.softmax(logits.double(), dim=1).numpy()
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     names = classnames if classnames and len(classnames) == probs.shape[1] else [str(k) for k in range(probs.shape[1])]
-    writer.writerow(["ref", "label", "prediction", *[f"prob_{name}" for name in names]])
-    for sample, row in zip(samples, probs):
-        writer.writerow([sample.ref, sample.label, int(row.argmax()), *[f"{p:.8g}" for p in row]])
+    writer.writerow(["ref", "label", "prediction", *[f"prob_{name}" for name in names],
+                     *(["set"] if sets is not None else []), *(["abstain"] if abstain is not None else [])])
+    for i, (sample, row) in enumerate(zip(samples, probs)):
+        extra = ["|".join(str(k) for k in np.flatnonzero(sets[i]))] if sets is not None else []
+        extra += [int(bool(abstain[i]))] if abstain is not None else []
+        writer.writerow([sample.ref, sample.label, int(row.argmax()), *[f"{p:.8g}" for p in row], *extra])
     return buffer.getvalue()
 
 
-def write_predictions(path: Path, samples, logits: torch.Tensor, classnames: list[str] | None = None) -> None:
-    atomic_write_text(path, predictions_csv(samples, logits, classnames))
+def write_predictions(path: Path, samples, logits: torch.Tensor, classnames: list[str] | None = None, sets=None,
+                      abstain=None) -> None:
+    atomic_write_text(path, predictions_csv(samples, logits, classnames, sets, abstain))
 
 
 def backbone_record(backbone) -> dict:

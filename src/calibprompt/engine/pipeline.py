@@ -199,7 +199,43 @@ def fit_posthoc(name: str | None, head, val_feats: torch.Tensor | None, val_s: S
     with warnings.catch_warnings():  # a temperature at its bound becomes a run flag that names the run
         warnings.simplefilter("ignore")
         calibrator = get_calibrator(name).fit(val_logits.numpy(), labels)
-    return calibrator, {"name": name, "params": calibrator.fitted_params(), "n_val": len(val_s)}
+    return calibrator, {"name": name, "params": calibrator.fitted_params(), "n_val": len(val_s),
+                        "state": calibrator.to_dict()}
+
+
+def fit_decisions(resolved: dict, head, calibrator, val_feats: torch.Tensor | None, val_s: Sequence, dataset,
+                  batch_size: int = 100):
+    """(conformal predictor or None, selective threshold or None) of the resolved ``conformal:`` and
+    ``selective:`` sections, fitted on the validation shots' calibrated probabilities."""
+    from calibprompt.calibration.conformal import ConformalPredictor, uniform_from_keys
+    from calibprompt.calibration.selective import SelectiveThreshold
+
+    cp_cfg, sel_cfg = resolved.get("conformal") or {}, resolved.get("selective") or {}
+    if cp_cfg.get("alpha") is None and sel_cfg.get("target_risk") is None:
+        return None, None
+    probs = torch.softmax(logits(head, val_feats, calibrator, batch_size).double(), dim=1).numpy()
+    labels = np.array([s.label for s in val_s])
+    conformal = selective = None
+    if cp_cfg.get("alpha") is not None:
+        conformal = ConformalPredictor(float(cp_cfg["alpha"]), cp_cfg["score"], float(cp_cfg["lambda"]),
+                                       int(cp_cfg["k_reg"]), bool(cp_cfg.get("randomized", True)),
+                                       bool(cp_cfg.get("by_class", False)))
+        conformal.fit(probs, labels, uniform_from_keys([dataset.content_hash(s) for s in val_s]))
+    if sel_cfg.get("target_risk") is not None:
+        selective = SelectiveThreshold(float(sel_cfg["target_risk"])).fit(probs, labels)
+    return conformal, selective
+
+
+def decide(probs: np.ndarray, conformal=None, selective=None, keys: Sequence[str] = ()
+           ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(prediction sets (N, K) or None, abstain flags (N,) or None) of calibrated probabilities; ``keys``
+    (the images' content hashes) seed randomised APS/RAPS per image."""
+    from calibprompt.calibration.conformal import uniform_from_keys
+
+    sets = None
+    if conformal is not None:
+        sets = conformal.predict_sets(probs, uniform_from_keys(keys) if conformal.uses_u else None)
+    return sets, (selective.abstain(probs) if selective is not None else None)
 
 
 @torch.no_grad()

@@ -101,7 +101,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     head = fitted.head.to(device)
     atomic_write_bytes(out_dir / "head.safetensors",
                        head_bytes(head, {"config_hash": run_hash, "method": method.name,
-                                         "classnames": list(dataset.classnames),
+                                         "classnames": list(dataset.classnames), "template": dataset.template,
                                          "backbone_fingerprint": backbone.fingerprint()}))
     for name, data in fitted.files.items():
         atomic_write_bytes(out_dir / name, data)
@@ -111,12 +111,17 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     test_logits = pipeline.logits(head, test_feats, calibrator, int(resolved["eval"]["batch_size"]))
     test_labels = np.array([s.label for s in test_s])
     metrics, metrics_ref = _evaluate(test_logits, test_labels, out_dir, resolved)
+    conformal, selective = pipeline.fit_decisions(resolved, head, calibrator, val_feats, val_s, dataset,
+                                                  int(resolved["eval"]["batch_size"]))
+    test_keys = [dataset.content_hash(s) for s in test_s] if conformal is not None else []
+    decisions = _decision_metrics(test_logits, test_labels, conformal, selective, metrics, test_keys)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     flags = run_flags(fitted.info, posthoc_info, metrics, test_labels, method.trains and head_from is None)
     for flag in flags:
         note(f"run {resolved.get('name') or out_dir}: {flag['message']}")
-    write_predictions(out_dir / "predictions.csv", test_s, test_logits, list(dataset.classnames))
+    sets, abstain = pipeline.decide(torch.softmax(test_logits.double(), dim=1).numpy(), conformal, selective, test_keys)
+    write_predictions(out_dir / "predictions.csv", test_s, test_logits, list(dataset.classnames), sets, abstain)
 
     result = {
         "status": "done",
@@ -132,6 +137,8 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
         "metrics": metrics,
         "metrics_reference": metrics_ref,
         "posthoc": posthoc_info,
+        "conformal": decisions.get("conformal"),
+        "selective": decisions.get("selective"),
         "flags": flags,
         "train": fitted.info,
         "n_test": len(test_s),
@@ -162,6 +169,28 @@ def changed_inputs(done: dict, resolved: dict) -> str:
     if open_dataset(resolved["data"]).fingerprint() != recorded["data"]:
         changes.append("images or labels of the dataset changed")
     return "; ".join(changes)
+
+
+def _decision_metrics(logits: torch.Tensor, labels: np.ndarray, conformal, selective, metrics: dict,
+                      keys: list[str]) -> dict:
+    """Adds selective-prediction metrics (AURC, E-AURC, ...) and, when fitted, the conformal (``cp_*``) and
+    abstention (``sel_*``) metrics on the test split to ``metrics``; returns the fitted states with details."""
+    from calibprompt.metrics.conformal import conformal_metrics
+    from calibprompt.metrics.selective import selective_metrics, selective_outcome
+
+    probs = torch.softmax(logits.double(), dim=1).numpy()
+    metrics.update(selective_metrics(probs, labels, inputs="probs"))
+    sets, abstain = pipeline.decide(probs, conformal, selective, keys)
+    out: dict = {}
+    if sets is not None:
+        cm = conformal_metrics(sets, labels, conformal.alpha)
+        details = cm.pop("details")
+        metrics.update(cm)
+        out["conformal"] = {**conformal.state(), **details}
+    if abstain is not None:
+        metrics.update(selective_outcome(probs, labels, abstain))
+        out["selective"] = selective.state()
+    return out
 
 
 def _evaluate(logits: torch.Tensor, labels: np.ndarray, out_dir: Path, resolved: dict) -> tuple[dict, dict]:

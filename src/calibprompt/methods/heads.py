@@ -172,6 +172,14 @@ def load_head(path: str | Path, num_classes: int | None = None, feature_dim: int
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError) as err:
         raise HeadError(f"{path} is not a readable safetensors head file ({err}); re-create it") from None
+    return head_from_tensors(tensors, metadata, str(path), num_classes, feature_dim)
+
+
+def head_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], where: str,
+                      num_classes: int | None = None, feature_dim: int | None = None) -> tuple[Head, dict]:
+    """(head, meta) from a head's tensors and safetensors metadata, every key and shape checked; ``where``
+    names the source in errors."""
+    path = where
     if metadata.get("format") != HEAD_FORMAT or metadata.get("kind") not in HEADS:
         raise HeadError(f"{path}: not a calibprompt head (format {metadata.get('format')!r}, kind "
                         f"{metadata.get('kind')!r}; expected {HEAD_FORMAT!r} and one of {sorted(HEADS)})")

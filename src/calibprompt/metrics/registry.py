@@ -30,6 +30,18 @@ METRICS: dict[str, MetricSpec] = {m.name: m for m in (
     MetricSpec("ece_kde", "ECE-KDE", "ECE-KDE (reference)", False, True),
     MetricSpec("nll", "NLL", "NLL", False, False, stored=True),
     MetricSpec("brier", "Brier", "Brier", False, False, stored=True),
+    # selective prediction (docs/metrics.md) and decisions fitted on the validation shots (docs/deploy.md)
+    MetricSpec("aurc", "AURC", "Area under the risk-coverage curve", False, True),
+    MetricSpec("eaurc", "E-AURC", "Excess AURC", False, True),
+    MetricSpec("cp_coverage", "Cov", "Conformal coverage", None, True),
+    MetricSpec("cp_set_size", "Size", "Mean conformal set size", False, False),
+    MetricSpec("cp_singleton", "Single", "Singleton sets", None, True),
+    MetricSpec("cp_empty", "Empty", "Empty sets", None, True),
+    MetricSpec("cp_ccv", "CCV", "Class coverage gap", False, True),
+    MetricSpec("cp_sscv", "SSCV", "Size-stratified coverage gap", False, True),
+    MetricSpec("cp_worst_class_coverage", "WCov", "Worst class coverage", True, True),
+    MetricSpec("sel_coverage", "SelCov", "Coverage of selective prediction", True, True),
+    MetricSpec("sel_risk", "SelRisk", "Risk of selective prediction", False, True),
 )}
 
 

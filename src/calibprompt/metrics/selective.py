@@ -77,3 +77,13 @@ def selective_metrics(logits: Any, labels: Any, *, inputs: str = "logits") -> di
         "risk_at_90_coverage": 1.0 - acc90,
         "coverage_at_90": cov90,
     }
+
+
+def selective_outcome(probs, labels, abstain) -> dict:
+    """Test coverage (share not abstained) and risk (error rate of the accepted) of an abstention rule."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    keep = ~np.asarray(abstain, dtype=bool)
+    errors = probs.argmax(1) != labels
+    return {"sel_coverage": float(keep.mean()) if len(keep) else float("nan"),
+            "sel_risk": float(errors[keep].mean()) if keep.any() else float("nan")}

@@ -125,7 +125,9 @@ def _variant_key(variant: dict) -> str:
 # ------------------------------------------------------------------------------------------- tables
 
 
-def _read_predictions(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+def read_predictions(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(probabilities (N, K), labels (N,)) of a run's predictions.csv (its ``prob_*`` and ``label`` columns),
+    or (None, None) when the file is absent or empty."""
     if not path.is_file():
         return None, None
     with open(path, newline="") as handle:

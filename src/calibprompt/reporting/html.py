@@ -8,7 +8,8 @@ ties share a mark. Fractions are shown in percent; NLL and Brier as they are.
 Written to ``DIR/report/``: ``tables.md``, ``tables.tex`` (booktabs), ``results.csv`` (long format, one
 row per group and metric, with full-precision mean/std and the rank), ``report.html`` with a per-dataset
 ECE-vs-accuracy plot (``figures/ece_accuracy_<shots>shot.png``) and reliability diagrams pooled over
-seeds (``figures/reliability/*.png``, from each run's predictions.csv).
+seeds (``figures/reliability/*.png``, from each run's predictions.csv), and one risk-coverage plot per
+(shots, backbone, dataset) with every method's curve and AURC (``figures/risk_coverage/*.png``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from calibprompt.reporting.collect import Collection, Group, _read_predictions, collect
+from calibprompt.reporting.collect import Collection, Group, read_predictions, collect
 from calibprompt.reporting.tables import (
     DEFAULT_METRICS,
     Table,
@@ -85,21 +86,57 @@ def ece_accuracy_plot(collection: Collection, shots: int, path: Path) -> bool:
     return True
 
 
-def pooled_reliability(group: Group, path: Path) -> bool:
-    """Reliability diagram of the group's test predictions pooled over its seeds (predictions.csv)."""
-    from calibprompt.metrics import reliability_diagram
-
+def _pooled(group: Group) -> tuple[np.ndarray, np.ndarray] | None:
+    """The group's test probabilities and labels pooled over its seeds (None when unreadable)."""
     probs, labels = [], []
     for run_dir in group.run_dirs:
-        p, y = _read_predictions(run_dir / "predictions.csv")
+        p, y = read_predictions(run_dir / "predictions.csv")
         if p is not None:
             probs.append(p)
             labels.append(y)
     if not probs or len({p.shape[1] for p in probs}) != 1:
+        return None
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def risk_coverage_plot(groups: list[Group], path: Path, title: str) -> bool:
+    """Risk (error rate of the accepted images) against coverage when abstaining below a confidence
+    threshold, one curve per method (test predictions pooled over seeds), AURC in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from calibprompt.metrics.selective import risk_coverage_curve, selective_metrics
+
+    curves = [(g.row, _pooled(g)) for g in groups]
+    curves = [(row, pooled) for row, pooled in curves if pooled is not None]
+    if not curves:
         return False
-    title = f"{group.row} · {group.backbone} · {group.dataset}\n{group.shots} shots · {len(probs)} seed(s) pooled"
-    reliability_diagram(np.concatenate(probs), np.concatenate(labels), path, n_bins=group.n_bins, title=title,
-                        inputs="probs")
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for row, (probs, labels) in curves:
+        curve = risk_coverage_curve(probs, labels, inputs="probs")
+        aurc = selective_metrics(probs, labels, inputs="probs")["aurc"]
+        ax.step(curve.coverage, 100 * curve.risk, where="post", label=f"{row} (AURC {100 * aurc:.1f}%)")
+    ax.set_xlabel("coverage (share of images not abstained)")
+    ax.set_ylabel("risk: error rate of the accepted (%)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    atomic_write_bytes(path, _png(fig))
+    plt.close(fig)
+    return True
+
+
+def pooled_reliability(group: Group, path: Path) -> bool:
+    """Reliability diagram of the group's test predictions pooled over its seeds (predictions.csv)."""
+    from calibprompt.metrics import reliability_diagram
+
+    pooled = _pooled(group)
+    if pooled is None:
+        return False
+    title = f"{group.row} · {group.backbone} · {group.dataset}\n{group.shots} shots · {len(group.run_dirs)} seed(s) pooled"
+    reliability_diagram(pooled[0], pooled[1], path, n_bins=group.n_bins, title=title, inputs="probs")
     return True
 
 
@@ -153,6 +190,14 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
         parts.append(f"<h2>ECE against accuracy per dataset · {shots} shots</h2>"
                      f"<p>Mean over seeds with std error bars; lower right is better.</p><img src='{src(rel)}' "
                      "style='max-width:100%'>")
+    if figures.get("risk_coverage"):
+        parts.append("<h2>Selective prediction: risk against coverage</h2><p>Abstaining below a confidence "
+                     "threshold: the error rate of the images kept (lower is better) against the share kept. "
+                     "Better-ranked confidences give lower curves and a smaller AURC (test predictions pooled "
+                     "over seeds).</p>")
+        for (shots, b, d), rel in figures["risk_coverage"]:
+            parts.append(f"<div class='fig'><img src='{src(rel)}' alt='risk-coverage {e(b)} {e(d)} {shots} shots'>"
+                         "</div>")
     if figures.get("reliability"):
         parts.append("<h2>Reliability diagrams (test predictions pooled over seeds)</h2><p>Each panel pools the "
                      "test predictions of all seeds of a cell, so its ECE is the pooled one, not the table's mean "
@@ -198,12 +243,20 @@ def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: 
     atomic_write_text(paths["md"], markdown(tables, collection) + "\n")
     atomic_write_text(paths["tex"], latex(tables, collection))
     atomic_write_text(paths["csv"], csv_text(tables, collection))
-    figures: dict[str, list] = {"ece_accuracy": [], "reliability": []}
+    figures: dict[str, list] = {"ece_accuracy": [], "reliability": [], "risk_coverage": []}
     for shots in dict.fromkeys(g.shots for g in collection.groups):
         rel = f"figures/ece_accuracy_{shots}shot.png"
         if ece_accuracy_plot(collection, shots, target / rel):
             figures["ece_accuracy"].append((shots, rel))
     if diagrams:
+        cells: dict[tuple, list[Group]] = {}
+        for g in collection.groups:
+            if g.run_dirs:
+                cells.setdefault((g.shots, g.backbone, g.dataset), []).append(g)
+        for (shots, b, d), groups in cells.items():
+            rel = f"figures/risk_coverage/{slug(f'{shots}shot_{b}_{d}')}.png"
+            if risk_coverage_plot(groups, target / rel, f"{b} · {d} · {shots} shots"):
+                figures["risk_coverage"].append(((shots, b, d), rel))
         for i, g in enumerate(collection.groups):
             rel = f"figures/reliability/{i:03d}_{slug(f'{g.shots}shot_{g.backbone}_{g.dataset}_{g.row}')}.png"
             if g.run_dirs and pooled_reliability(g, target / rel):
