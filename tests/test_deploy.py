@@ -19,7 +19,7 @@ from PIL import Image
 
 from calibprompt.cli import main
 from calibprompt.config import load_config, merge
-from calibprompt.deploy import CalibPromptClassifier, DeployedModel, ModelFileError, load_model
+from calibprompt.deploy import CalibPromptClassifier, DeployedModel, ModelFileError, load_model, predict_files
 from calibprompt.engine.run import run
 from tests.conftest import require_shared
 from tests.tiny_models import pretrain_tiny_micro
@@ -109,6 +109,29 @@ def test_export_then_predict_in_a_fresh_process_equals_eval(micro, tmp_path):
     for name, row in pred_rows.items():  # the same sets and abstentions as the evaluation
         assert row["set"] == "|".join(names[int(k)] for k in eval_rows[name]["set"].split("|") if k)
         assert row["abstain"] == eval_rows[name]["abstain"]
+
+
+def test_a_medmnist_run_predicts_the_same_on_its_images_saved_as_png(micro, tmp_path):
+    """The demo's situation: a run on the MedMNIST arrays, exported, then `predict` on the same test pictures
+    written as PNG files: the same probabilities (1e-6) and the same randomised APS sets."""
+    npz = require_shared("medmnist/pneumoniamnist.npz")
+    data = {"source": "medmnist", "name": "pneumoniamnist", "path": str(npz)}
+    run(_cfg(micro, data, method={"name": "zeroshot"}, shots=1, val_shots=20, conformal={"alpha": 0.1}),
+        tmp_path / "run", quiet=True)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "m.safetensors")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "predictions.csv")))[:40]
+    with np.load(npz) as arrays:
+        test_images = arrays["test_images"]
+    (tmp_path / "png").mkdir()
+    for row in rows:  # refs are "test/<index>"
+        Image.fromarray(test_images[int(row["ref"].split("/")[1])]).save(tmp_path / "png" / f"{row['ref'].split('/')[1]}.png")
+    records = {Path(r["image"]).stem: r for r in predict_files(
+        load_model(tmp_path / "m.safetensors"), [tmp_path / "png"])}
+    names = records[rows[0]["ref"].split("/")[1]]["probabilities"].keys()
+    for row in rows:
+        got = records[row["ref"].split("/")[1]]
+        assert max(abs(got["probabilities"][n] - float(row[f"prob_{n}"])) for n in names) <= 1e-6
+        assert [list(names).index(n) for n in got["set"]] == [int(k) for k in row["set"].split("|") if k]
 
 
 @pytest.fixture(scope="module")

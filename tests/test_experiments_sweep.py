@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
     model = tiny_model_dir(root / "model", "clip")
     spec = {
         "name": "e2e",
-        "base": {"train": {"epochs": 2, "batch_size": 4}},
+        "base": {"train": {"epochs": 2, "batch_size": 4}, "val_shots": 6, "conformal": {"alpha": 0.2, "score": "lac"}},
         "backbones": {"tiny": {"path": str(model)}},
         "datasets": {"breast": {"source": "medmnist", "path": str(npz)},
                      "broken": {"source": "medmnist", "path": str(root / "missing" / "breastmnist.npz")}},
@@ -287,3 +287,17 @@ def test_report_tables_match_the_store_cell_by_cell(local_sweep, capsys, tmp_pat
     shutil.copytree(out, moved)
     assert main(["report", str(moved), "--format", "csv", "--metrics", "accuracy,ece,nll"]) == 0
     assert capsys.readouterr().out == (report / "results.csv").read_text()
+
+
+def test_conformal_columns_and_the_set_size_verdict_reach_the_report(local_sweep, capsys):
+    out = local_sweep["out"]
+    assert main(["report", str(out), "--format", "csv", "--metrics", "accuracy,cp_coverage,cp_set_size,aurc"]) == 0
+    text = capsys.readouterr().out
+    metrics = {row["metric"]: row for row in csv.DictReader(io.StringIO(text)) if row["mean"]}
+    for name in ("cp_coverage", "cp_set_size", "aurc"):  # long format: one row per (cell, metric)
+        assert name in metrics, sorted(metrics)
+    assert 0 <= float(metrics["cp_coverage"]["mean"]) <= 100 and 0 <= float(metrics["cp_set_size"]["mean"]) <= 2
+    assert main(["report", str(out), "--no-diagrams"]) == 0
+    html = (out / "report" / "report.html").read_text()
+    assert "Conformal prediction sets: CalibPrompt against CoOp-CE" in html
+    assert re.search(r"calibprompt: mean set size [\d.]+ vs [\d.]+ for coop-ce \((smaller|not smaller)\)", html)

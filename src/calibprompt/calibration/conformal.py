@@ -25,8 +25,8 @@ APS and RAPS are randomised by default (``randomized=True``), as their authors d
 class k becomes s(x, k) - u * p_k with u uniform in [0, 1), at calibration and at prediction. Without
 it, a binary task's APS sets hold both classes as soon as the calibration error rate exceeds alpha
 (coverage far above 1 - alpha); with it, coverage is close to 1 - alpha. Each image's u is derived from
-its content hash (:func:`uniform_from_keys`), so the same image always gets the same set, in every run and
-process. LAC is never randomised. A score within 1e-8 of the threshold counts as below it (cumulative
+the hash of its decoded pixels (:func:`uniform_from_keys`), so the same picture always gets the same set,
+in every run and process, whether it is read from a PNG file or a MedMNIST array. LAC is never randomised. A score within 1e-8 of the threshold counts as below it (cumulative
 sums round), as in MAPIE.
 """
 

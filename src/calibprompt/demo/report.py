@@ -83,20 +83,11 @@ def format_conformal(rows: list[dict], reference: str | None, markdown: bool = F
 
 
 def set_size_readings(rows: list[dict], reference: str | None) -> list[str]:
-    """One sentence per CalibPrompt row: smaller or larger sets than the reference, at what coverage."""
-    ref = next((r for r in rows if r["label"] == reference), None)
-    if ref is None:
-        return []
-    out = []
-    for r in rows:
-        if not r["method"].startswith("calibprompt"):
-            continue
-        smaller = r["cp_set_size_mean"] < ref["cp_set_size_mean"]
-        out.append(f"{r['label']}: mean set size {r['cp_set_size_mean']:.3f} vs {ref['cp_set_size_mean']:.3f} for "
-                   f"{reference} ({'smaller' if smaller else 'not smaller'}), coverage "
-                   f"{100 * r['cp_coverage_mean']:.1f}% vs {100 * ref['cp_coverage_mean']:.1f}%: better calibration "
-                   + ("gave smaller sets here." if smaller else "did not give smaller sets here."))
-    return out
+    """Whether each CalibPrompt row's sets were smaller than the reference row's (reporting.stats)."""
+    from calibprompt.reporting.stats import set_size_verdicts
+
+    return set_size_verdicts([{"label": r["label"], "method": r["method"], "size": r["cp_set_size_mean"],
+                               "coverage": r["cp_coverage_mean"]} for r in rows], reference) if reference else []
 
 
 def _cell(row: dict, key: str, percent: bool) -> str:

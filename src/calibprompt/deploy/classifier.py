@@ -98,7 +98,7 @@ class CalibPromptClassifier(ClassifierMixin, BaseEstimator):
                                     info={"method": resolved["resolved_method"]["name"], "classes": self.classes_.tolist(),
                                           "n_train": len(train_s), "n_calibration": len(val_s)})
         self.calibration_ = (probabilities(self.model_, val_feats) if val_s else None,
-                             np.array([s.label for s in val_s]), [dataset.content_hash(s) for s in val_s])
+                             np.array([s.label for s in val_s]), [dataset.pixel_hash(s) for s in val_s])
         self.backbone_ = backbone
         return self
 
@@ -152,7 +152,7 @@ class CalibPromptClassifier(ClassifierMixin, BaseEstimator):
         check_backbone(self.model_, backbone)
         dataset = _dataset(X, np.zeros(_length(X), dtype=np.int64), self.model_.classnames, self.model_.template, "test")
         feats = self._cache().features(backbone, dataset, dataset.samples, progress=not self.quiet)
-        return probabilities(self.model_, feats), [dataset.content_hash(s) for s in dataset.samples]
+        return probabilities(self.model_, feats), [dataset.pixel_hash(s) for s in dataset.samples]
 
     def predict(self, X) -> np.ndarray:
         """The class of highest calibrated probability, as a label of ``classes_``."""

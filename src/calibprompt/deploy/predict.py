@@ -111,7 +111,7 @@ def predict_files(model: DeployedModel, inputs: Sequence[str | Path], *, backbon
     cache = cache if cache is not None else FeatureCache(model.config.get("cache_dir"))
     feats = cache.features(backbone, dataset, dataset.samples, progress=progress)
     probs = probabilities(model, feats)
-    sets, abstain = decide(probs, model.conformal, model.selective, [dataset.content_hash(s) for s in dataset.samples])
+    sets, abstain = decide(probs, model.conformal, model.selective, [dataset.pixel_hash(s) for s in dataset.samples])
     names = model.classnames
     return [{"image": sample.ref, "prediction": names[int(row.argmax())],
              "probabilities": {n: float(p) for n, p in zip(names, row)},

@@ -220,7 +220,7 @@ def fit_decisions(resolved: dict, head, calibrator, val_feats: torch.Tensor | No
         conformal = ConformalPredictor(float(cp_cfg["alpha"]), cp_cfg["score"], float(cp_cfg["lambda"]),
                                        int(cp_cfg["k_reg"]), bool(cp_cfg.get("randomized", True)),
                                        bool(cp_cfg.get("by_class", False)))
-        conformal.fit(probs, labels, uniform_from_keys([dataset.content_hash(s) for s in val_s]))
+        conformal.fit(probs, labels, uniform_from_keys([dataset.pixel_hash(s) for s in val_s]))
     if sel_cfg.get("target_risk") is not None:
         selective = SelectiveThreshold(float(sel_cfg["target_risk"])).fit(probs, labels)
     return conformal, selective

@@ -113,7 +113,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     metrics, metrics_ref = _evaluate(test_logits, test_labels, out_dir, resolved)
     conformal, selective = pipeline.fit_decisions(resolved, head, calibrator, val_feats, val_s, dataset,
                                                   int(resolved["eval"]["batch_size"]))
-    test_keys = [dataset.content_hash(s) for s in test_s] if conformal is not None else []
+    test_keys = [dataset.pixel_hash(s) for s in test_s] if conformal is not None else []
     decisions = _decision_metrics(test_logits, test_labels, conformal, selective, metrics, test_keys)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0

@@ -99,6 +99,23 @@ def _pooled(group: Group) -> tuple[np.ndarray, np.ndarray] | None:
     return np.concatenate(probs), np.concatenate(labels)
 
 
+def conformal_verdicts(collection: Collection) -> list[str]:
+    """Per (shots, backbone, dataset) with a coop-ce row and conformal metrics: were CalibPrompt's sets smaller?"""
+    from calibprompt.reporting.stats import set_size_verdicts
+
+    cells: dict[tuple, list[dict]] = {}
+    for g in collection.groups:
+        size, cov = g.stat("cp_set_size"), g.stat("cp_coverage")
+        if size and cov:
+            cells.setdefault((g.shots, g.backbone, g.dataset), []).append(
+                {"label": g.row, "method": g.method, "size": size[0], "coverage": cov[0]})
+    out = []
+    for (shots, b, d), rows in cells.items():
+        ref = next((r["label"] for r in rows if r["method"] == "coop-ce"), None)
+        out += [f"{b} · {d} · {shots} shots · {v}" for v in (set_size_verdicts(rows, ref) if ref else [])]
+    return out
+
+
 def risk_coverage_plot(groups: list[Group], path: Path, title: str) -> bool:
     """Risk (error rate of the accepted images) against coverage when abstaining below a confidence
     threshold, one curve per method (test predictions pooled over seeds), AURC in the legend."""
@@ -190,6 +207,11 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
         parts.append(f"<h2>ECE against accuracy per dataset · {shots} shots</h2>"
                      f"<p>Mean over seeds with std error bars; lower right is better.</p><img src='{src(rel)}' "
                      "style='max-width:100%'>")
+    verdicts = conformal_verdicts(collection)
+    if verdicts:
+        parts.append("<h2>Conformal prediction sets: CalibPrompt against CoOp-CE</h2><ul>"
+                     + "".join(f"<li>{e(v)}</li>" for v in verdicts) + "</ul><p>Add <code>cp_coverage,cp_set_size"
+                     "</code> to <code>--metrics</code> for the full table (docs/deploy.md).</p>")
     if figures.get("risk_coverage"):
         parts.append("<h2>Selective prediction: risk against coverage</h2><p>Abstaining below a confidence "
                      "threshold: the error rate of the images kept (lower is better) against the share kept. "

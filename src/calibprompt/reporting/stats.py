@@ -60,3 +60,21 @@ def verdict(ece: dict, acc: dict) -> str:
     a = ("accuracy within 1 point" if cost <= 1.0 else f"accuracy {cost:.1f} points lower") if cost >= 0 else \
         f"accuracy {-cost:.1f} points higher"
     return f"{e}; {a}"
+
+
+def set_size_verdicts(rows: list[dict], reference: str) -> list[str]:
+    """One sentence per CalibPrompt row (``method`` starting with "calibprompt"): were its conformal sets
+    smaller than the ``reference`` row's? Rows: {"label", "method", "size", "coverage"} (means, fractions)."""
+    ref = next((r for r in rows if r["label"] == reference), None)
+    if ref is None:
+        return []
+    out = []
+    for r in rows:
+        if not r["method"].startswith("calibprompt"):
+            continue
+        smaller = r["size"] < ref["size"]
+        out.append(f"{r['label']}: mean set size {r['size']:.3f} vs {ref['size']:.3f} for {reference} "
+                   f"({'smaller' if smaller else 'not smaller'}), coverage {100 * r['coverage']:.1f}% vs "
+                   f"{100 * ref['coverage']:.1f}%: better calibration "
+                   + ("gave smaller sets here." if smaller else "did not give smaller sets here."))
+    return out
