@@ -33,6 +33,10 @@ def test_scores_by_hand():
 def test_threshold_is_the_split_conformal_order_statistic():
     scores = np.arange(1, 20) / 20.0  # n = 19: k = ceil(20 * 0.9) = 18
     assert conformal_threshold(scores, 0.1) == pytest.approx(18 / 20)
+    # (99 + 1) * 0.55 is 55 exactly, though 1 - 0.45 is a hair above 0.55 in floating point
+    assert conformal_threshold(np.arange(1, 100), 0.45) == 55
+    with pytest.raises(ValueError, match="one number in"):
+        ConformalPredictor(0.2, "aps").fit(*_data(20, 2), u=np.full(3, 0.5))
     with pytest.raises(ValueError, match=r"needs at least 9 calibration images, got 8.*val_shots"):
         conformal_threshold(np.ones(8), 0.1)
     with pytest.raises(ValueError, match="unknown conformal score 'thr'"):
@@ -150,7 +154,10 @@ def test_conformal_metrics_by_hand():
     assert m["cp_worst_class_coverage"] == pytest.approx(0.5)
     # sizes: 0 -> {3}: 0/1; 1 -> {0, 2, 4}: 2/3; 2 -> {1}: 1/1
     assert m["details"]["size_stratified"][1] == {"n": 3, "coverage": pytest.approx(2 / 3)}
-    assert m["cp_sscv"] == pytest.approx(0.8)
+    # SSCV over the size bins 0-1 (images 3, 0, 2, 4: 2 of 4 covered) and 2-3 (image 1: covered)
+    assert m["cp_sscv"] == pytest.approx(abs(0.5 - 0.8))
+    with pytest.raises(ValueError, match="class indices in 0..1"):
+        conformal_metrics(sets, np.array([0, 1, 2, 0, 0]), alpha=0.2)
 
 
 def test_selective_threshold_by_hand():

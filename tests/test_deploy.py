@@ -215,6 +215,10 @@ def test_predict_reads_files_folders_and_csv_lists(exported, tmp_path, capsys):
     for r in records:
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-9 and r["prediction"] in r["probabilities"]
         assert set(r["set"]) <= set(r["probabilities"]) and r["abstain"] is None
+    odd = tmp_path / "odd.csv"
+    odd.write_text("filepath\n" + str(pngs[0]) + "\n")
+    assert main(["predict", str(path), str(odd), "--quiet"]) == 2
+    assert "path, image, file, filename" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "x.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")

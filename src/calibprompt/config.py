@@ -155,7 +155,7 @@ SCHEMA: dict[str, tuple] = {
     "train.optimizer": (("sgd", "adam"), None, None), "train.drop_last": ("bool", None, None),
     "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
     "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "encode.batch_size": ("int", 1, None),
-    "conformal.alpha": ("float", "(0", 0.5), "conformal.score": (("lac", "aps", "raps"), None, None),
+    "conformal.alpha": ("float", "(0", 0.99), "conformal.score": (("lac", "aps", "raps"), None, None),
     "conformal.lambda": ("float", 0, None), "conformal.k_reg": ("int", 0, None), "conformal.randomized": ("bool", None, None),
     "conformal.by_class": ("bool", None, None),
     "selective.target_risk": ("float", 0, 0.99),
@@ -252,7 +252,7 @@ def resolve(cfg: dict) -> dict:
     for section, key in OFF_WHEN_NULL.items():
         if out[section][key] is not None and int(out["val_shots"]) < 1 and not out.get("split_file"):
             raise ConfigError(f"{section}.{key} is set, and {section} decisions are fitted on the validation shots: "
-                              "set val_shots (conformal sets at alpha need about 1/alpha of them in all)")
+                              "set val_shots (conformal sets at alpha need at least 1/alpha - 1 of them in all)")
     from calibprompt.data import check_data_config
 
     check_data_config(out["data"])  # unknown data keys fail before any model is loaded

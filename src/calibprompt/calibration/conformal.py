@@ -79,9 +79,15 @@ def conformity_scores(probs, labels, score: str = "aps", lam: float = 0.001, k_r
         raise ValueError(f"labels must be (N,) class indices in 0..{scores.shape[1] - 1}")
     own = scores[np.arange(len(labels)), labels]
     if u is not None and score != "lac":
-        own = own - np.asarray(u, dtype=np.float64).reshape(-1) * np.asarray(probs, dtype=np.float64)[
-            np.arange(len(labels)), labels]
+        own = own - _check_u(u, len(labels)) * np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), labels]
     return own
+
+
+def _check_u(u, n: int) -> np.ndarray:
+    u = np.asarray(u, dtype=np.float64)
+    if u.shape != (n,) or (u < 0).any() or (u >= 1).any():
+        raise ValueError(f"u must hold one number in [0, 1) per image: {n} expected, got shape {u.shape}")
+    return u
 
 
 def uniform_from_keys(keys: Sequence[str]) -> np.ndarray:
@@ -96,7 +102,7 @@ def conformal_threshold(scores, alpha: float) -> float:
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"conformal alpha must be in (0, 1), got {alpha}")
     n = scores.shape[0]
-    k = math.ceil((n + 1) * (1.0 - alpha))
+    k = math.ceil((n + 1) * (1.0 - alpha) - 1e-9)  # the tolerance: (n + 1) * 0.55 must not round up to 55.000001
     if k > n:
         need = math.ceil(1.0 / alpha) - 1
         raise ValueError(f"conformal prediction at alpha={alpha} needs at least {need} calibration images, got {n}; "
@@ -162,8 +168,10 @@ class ConformalPredictor:
         if self.uses_u:
             if u is None:
                 raise ValueError(f"randomised {self.score.upper()} needs u: one uniform number per image")
-            scores = scores - np.asarray(u, dtype=np.float64).reshape(-1, 1) * np.asarray(probs, dtype=np.float64)
+            scores = scores - _check_u(u, scores.shape[0])[:, None] * np.asarray(probs, dtype=np.float64)
         if self.by_class:
+            if len(self.class_thresholds_) != scores.shape[1]:
+                raise ValueError(f"{len(self.class_thresholds_)} class thresholds for {scores.shape[1]} classes")
             return scores <= np.asarray(self.class_thresholds_)[None, :] + TOLERANCE
         return scores <= self.threshold_ + TOLERANCE
 

@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--backbone-path", help="where the backbone's weights are on this machine, when not where the "
                                            "model was exported")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--cache-dir", help="feature cache root (default: $CALIBPROMPT_CACHE or ~/.cache/calibprompt)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
@@ -50,7 +51,7 @@ def _predict(args: argparse.Namespace) -> int:
 
     model = load_model(args.model)
     records = predict_files(model, args.inputs, backbone_path=args.backbone_path, device=args.device,
-                            progress=not args.quiet)
+                            cache_dir=args.cache_dir, progress=not args.quiet)
     text = render(records, args.format)
     if args.out:
         atomic_write_text(Path(args.out), text)

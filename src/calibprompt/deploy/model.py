@@ -118,6 +118,9 @@ def load_model(path: str | Path) -> DeployedModel:
         selective = SelectiveThreshold.from_state(fields["selective"]) if fields["selective"] is not None else None
     except (HeadError, ValueError, TypeError, KeyError) as err:
         raise ModelFileError(f"{path}: {err}") from None
+    if conformal is not None and conformal.by_class and len(conformal.class_thresholds_) != len(names):
+        raise ModelFileError(f"{path}: {len(conformal.class_thresholds_)} class-conditional conformal thresholds for "
+                             f"{len(names)} classes")
     if calibrator is not None and calibrator.num_classes != len(names):
         raise ModelFileError(f"{path}: the calibrator was fitted for {calibrator.num_classes} classes, the head has "
                              f"{len(names)}")
@@ -143,17 +146,27 @@ def export_run(run_dir: str | Path, out: str | Path) -> Path:
     if posthoc and "state" not in posthoc:
         raise ModelFileError(f"{run_dir}: the run's post-hoc calibrator was recorded by an older calibprompt without "
                              "its state; run it again to export it")
-    conformal, selective = result.get("conformal"), result.get("selective")
-    keys_cp = ("alpha", "score", "lambda", "k_reg", "randomized", "by_class", "threshold", "class_thresholds",
-               "n_calibration")
-    keys_sel = ("target_risk", "threshold", "calibration_coverage", "met")
+    keys = {"conformal": ("alpha", "score", "lambda", "k_reg", "randomized", "by_class", "threshold",
+                          "class_thresholds", "n_calibration"),
+            "selective": ("target_risk", "threshold", "calibration_coverage", "met")}
+    states = {}
+    for section, names in keys.items():
+        state = result.get(section)
+        missing = [k for k in names if state and k not in state]
+        if missing:
+            raise ModelFileError(f"{run_dir}: metrics.json's {section} section lacks {missing} (written by an older "
+                                 "calibprompt); run it again to export it")
+        states[section] = {k: state[k] for k in names} if state else None
+    try:
+        calibrator = calibrator_from_dict(posthoc["state"], f"{run_dir}: post-hoc calibrator") if posthoc else None
+        conformal = ConformalPredictor.from_state(states["conformal"]) if states["conformal"] else None
+        selective = SelectiveThreshold.from_state(states["selective"]) if states["selective"] else None
+    except ValueError as err:
+        raise ModelFileError(f"{run_dir}: {err}") from None
     model = DeployedModel(
         head=head, classnames=list(meta.get("classnames") or []), template=meta.get("template") or _template(resolved),
         backbone=resolved["backbone"], backbone_fingerprint=str(meta.get("backbone_fingerprint", "")),
-        calibrator=calibrator_from_dict(posthoc["state"]) if posthoc else None,
-        conformal=ConformalPredictor.from_state({k: conformal[k] for k in keys_cp}) if conformal else None,
-        selective=SelectiveThreshold.from_state({k: selective[k] for k in keys_sel}) if selective else None,
-        config=resolved,
+        calibrator=calibrator, conformal=conformal, selective=selective, config=resolved,
         info={"method": result.get("method"), "run_id": result.get("run_id"), "backbone": result.get("backbone"),
               "dataset": result.get("dataset"), "exported_from": str(run_dir.resolve()),
               "calibprompt": (result.get("versions") or {}).get("calibprompt")},

@@ -58,8 +58,11 @@ def _csv_paths(path: Path) -> list[Path]:
     column = column or 0
     paths = []
     for number, row in enumerate(body, start=2 if body is not rows else 1):
-        if not row or not row[column].strip():
+        if len(row) <= column or not row[column].strip():
             raise DataError(f"{path}, row {number}: no image path")
+        if number == 1 and not Path(row[column].strip()).suffix:
+            raise DataError(f"{path}: the first row {row!r} looks like a header but names no known path column; "
+                            f"call the column one of {', '.join(PATH_COLUMNS)}")
         p = Path(row[column].strip()).expanduser()
         p = p if p.is_absolute() else path.parent / p
         if not p.is_file():
@@ -94,7 +97,7 @@ def probabilities(model: DeployedModel, features: torch.Tensor) -> np.ndarray:
 
 
 def predict_files(model: DeployedModel, inputs: Sequence[str | Path], *, backbone=None, backbone_path: str | None = None,
-                  cache=None, device: str = "cpu", progress: bool = False) -> list[dict]:
+                  cache=None, cache_dir: str | None = None, device: str = "cpu", progress: bool = False) -> list[dict]:
     """One record per image: ``image``, ``prediction`` (class name), ``probabilities`` {class: p},
     ``set`` (class names in the conformal set, or None without one) and ``abstain`` (or None)."""
     from calibprompt.engine.pipeline import decide, loaded_backbone, resolve_device
@@ -108,7 +111,8 @@ def predict_files(model: DeployedModel, inputs: Sequence[str | Path], *, backbon
         backbone = loaded_backbone(cfg, resolve_device(device))
     check_backbone(model, backbone)
     dataset = files_dataset(paths, model.classnames, model.template)
-    cache = cache if cache is not None else FeatureCache(model.config.get("cache_dir"))
+    # this machine's cache (``cache_dir`` or the default), with the run's encode settings
+    cache = cache if cache is not None else FeatureCache(cache_dir, **(model.config.get("encode") or {}))
     feats = cache.features(backbone, dataset, dataset.samples, progress=progress)
     probs = probabilities(model, feats)
     sets, abstain = decide(probs, model.conformal, model.selective, [dataset.pixel_hash(s) for s in dataset.samples])

@@ -5,7 +5,8 @@
 - class-conditional coverage cov_c over the images of class c; CCV = mean_c |cov_c - (1 - alpha)|
   (the class coverage gap reported by medical conformal work) and the worst class's coverage.
 - size-stratified coverage: coverage among the images whose set has size s, per size; SSCV =
-  max_s |cov_s - (1 - alpha)| over the sizes that occur (Angelopoulos et al. 2021).
+  max_b |cov_b - (1 - alpha)| over the size bins that occur, bins 0-1, 2-3, 4-10, 11-100, 101+ as in
+  Angelopoulos et al. 2021 (empty sets, never covering, share the bin of single-class sets).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ def conformal_metrics(sets, labels, alpha: float) -> dict:
     if sets.ndim != 2 or labels.shape != (sets.shape[0],):
         raise ValueError(f"sets must be (N, K) booleans and labels (N,), got {sets.shape} and {labels.shape}")
     n, k = sets.shape
+    if n and (labels.min() < 0 or labels.max() >= k):
+        raise ValueError(f"labels must be class indices in 0..{k - 1}, got values from {labels.min()} to {labels.max()}")
     target = 1.0 - float(alpha)
     hit = sets[np.arange(n), labels]
     size = sets.sum(1)
@@ -33,6 +36,18 @@ def conformal_metrics(sets, labels, alpha: float) -> dict:
         "cp_singleton": float((size == 1).mean()) if n else float("nan"),
         "cp_ccv": float(np.mean([abs(v - target) for v in per_class.values()])) if per_class else float("nan"),
         "cp_worst_class_coverage": min(per_class.values()) if per_class else float("nan"),
-        "cp_sscv": max(abs(v["coverage"] - target) for v in per_size.values()) if per_size else float("nan"),
+        "cp_sscv": _sscv(size, hit, target),
         "details": {"class_coverage": per_class, "size_stratified": per_size, "target": target},
     }
+
+
+SIZE_BINS = ((0, 1), (2, 3), (4, 10), (11, 100), (101, None))
+
+
+def _sscv(size: np.ndarray, hit: np.ndarray, target: float) -> float:
+    gaps = []
+    for low, high in SIZE_BINS:
+        inside = (size >= low) & ((size <= high) if high is not None else True)
+        if inside.any():
+            gaps.append(abs(float(hit[inside].mean()) - target))
+    return max(gaps) if gaps else float("nan")

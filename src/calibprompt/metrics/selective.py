@@ -84,6 +84,9 @@ def selective_outcome(probs, labels, abstain) -> dict:
     probs = np.asarray(probs, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     keep = ~np.asarray(abstain, dtype=bool)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],) or keep.shape != labels.shape:
+        raise ValueError(f"probs (N, K), labels (N,) and abstain (N,) needed, got {probs.shape}, {labels.shape}, "
+                         f"{keep.shape}")
     errors = probs.argmax(1) != labels
     return {"sel_coverage": float(keep.mean()) if len(keep) else float("nan"),
             "sel_risk": float(errors[keep].mean()) if keep.any() else float("nan")}
