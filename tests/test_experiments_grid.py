@@ -219,3 +219,30 @@ def test_feature_cache_does_not_depend_on_history(tmp_path):
     cache.features(backbone, data, test[3:20])
     cache.features(backbone, data, test[30:33], view=None)
     assert torch.equal(cache.features(backbone, data, test), fresh)
+
+
+def test_ablation_presets_expand_the_shots_and_context_axes(monkeypatch):
+    monkeypatch.setenv("CALIBPROMPT_MODELS", "/models")
+    monkeypatch.setenv("CALIBPROMPT_PAPER_DATA", "/datasets")
+    assert {"ablation-shots", "ablation-ctx"} <= set(list_presets())
+    shots = Grid.load("ablation-shots").expand()
+    assert len(shots) == 10 * 4 * 5 * 3 and {s.shots for s in shots} == {1, 2, 4, 8, 16}
+    assert {s.method for s in shots} == {"coop-ce", "coop-ce+ts", "calibprompt", "calibprompt+ts"}
+    ctx = Grid.load("ablation-ctx").expand()
+    assert len(ctx) == 10 * 4 * 4 * 3 and {s.shots for s in ctx} == {8}
+    assert {resolve(s.config)["prompt"]["n_ctx"] for s in ctx} == {4, 8, 16, 32}
+    assert {s.variant_key for s in ctx} == {"prompt.n_ctx=4", "prompt.n_ctx=8", "prompt.n_ctx=16", "prompt.n_ctx=32"}
+    one = Grid.load("ablation-ctx").override(n_ctx=[2, 64], only={"backbone": ["PLIP"], "dataset": ["Kather"]})
+    assert {resolve(s.config)["prompt"]["n_ctx"] for s in one.expand()} == {2, 64}
+
+
+def test_the_context_axis_applies_to_prompt_learners_only(tmp_path):
+    spec = {"backbones": {"tiny": {"path": str(tmp_path)}}, "datasets": {"d": {"source": "folder", "path": str(tmp_path)}},
+            "methods": ["coop-ce", "clap", "zeroshot"], "n_ctx": [4, 8], "seeds": 1}
+    specs = Grid.from_spec(spec).expand()
+    per_method = {m: sorted(resolve(s.config)["prompt"]["n_ctx"] for s in specs if s.method == m) for m in spec["methods"]}
+    assert per_method == {"coop-ce": [4, 8], "clap": [16], "zeroshot": [16]}
+    with pytest.raises(GridError, match="either as n_ctx or as sweep"):
+        Grid.from_spec({**spec, "sweep": {"prompt.n_ctx": [2]}})
+    with pytest.raises(GridError, match="apply to none of the methods"):
+        Grid.from_spec({**spec, "methods": ["clap"]})

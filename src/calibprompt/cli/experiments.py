@@ -50,6 +50,8 @@ def register(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of runs (resumable), results into a store")
     _grid_args(p, "sweep")
     p.add_argument("--shots", type=_int_list, help="comma-separated shots, replacing the grid's")
+    p.add_argument("--n-ctx", type=_int_list, help="comma-separated prompt context lengths (an axis for the "
+                                                   "prompt-learning methods), replacing the grid's")
     p.add_argument("--store", help="SQLAlchemy URL of the results store (default: sqlite DIR/results.sqlite, "
                                    "or $CALIBPROMPT_STORE)")
     p.add_argument("--no-retry-failed", action="store_true", help="leave runs that failed before as failed")
@@ -102,7 +104,8 @@ def _load_grid(args):
 
     grid = Grid.load(args.grid)
     shots = args.shots if args.command == "sweep" else None  # tune takes a single --shots value itself
-    return grid.override(args.overrides, seeds=args.seeds, shots=shots, only=_only(args.only))
+    n_ctx = args.n_ctx if args.command == "sweep" else None
+    return grid.override(args.overrides, seeds=args.seeds, shots=shots, only=_only(args.only), n_ctx=n_ctx)
 
 
 def _sweep(args) -> int:

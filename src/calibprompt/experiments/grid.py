@@ -39,6 +39,8 @@ GRID_KEYS: dict[str, str] = {
     "methods": "label -> method section ({name: preset, params...}), or a list of preset names",
     "pairs": "backbone label -> dataset labels to run on it (default: every combination)",
     "shots": "int or list of ints (default: base shots, 8)",
+    "n_ctx": "int or list of ints: the prompt context length (prompt.n_ctx) as an axis, for the methods that "
+             "learn prompts (a variant `prompt.n_ctx=<n>` of each of their runs)",
     "seeds": "int or list of ints (default: [1, 2, 3])",
     "sweep": "dotted config key -> list of values, crossed (Cartesian product)",
     "cells": "per-cell overrides: list of {backbone, dataset, method, set: {dotted key: value}}",
@@ -143,7 +145,7 @@ class Grid:
             pairs=None,
             shots=_int_list(spec["shots"], "shots", source) if spec.get("shots") is not None else None,
             seeds=_int_list(spec["seeds"], "seeds", source) if spec.get("seeds") is not None else list(DEFAULT_SEEDS),
-            sweep=_sweep(spec.get("sweep") or {}, source),
+            sweep=_sweep({**(spec.get("sweep") or {}), **_n_ctx_axis(spec, source)}, source),
             cells=[],
             hparams=spec.get("hparams"),
             source=source,
@@ -184,8 +186,9 @@ class Grid:
 
     # ---- adjustments from the command line --------------------------------------------------------
     def override(self, overrides: list[str] | None = None, seeds: list[int] | None = None,
-                 shots: list[int] | None = None, only: dict[str, list[str]] | None = None) -> "Grid":
-        """``--set`` (into base), ``--seeds``, ``--shots`` and ``--only axis=label,label``."""
+                 shots: list[int] | None = None, only: dict[str, list[str]] | None = None,
+                 n_ctx: list[int] | None = None) -> "Grid":
+        """``--set`` (into base), ``--seeds``, ``--shots``, ``--n-ctx`` and ``--only axis=label,label``."""
         for item in overrides or []:
             fragment = parse_override(item)
             for key in ("method", "shots", "seed"):
@@ -196,6 +199,8 @@ class Grid:
             self.seeds = list(seeds)
         if shots:
             self.shots = list(shots)
+        if n_ctx:
+            self.sweep[N_CTX_KEY] = list(n_ctx)
         for axis, labels in (only or {}).items():
             table = {"backbone": self.backbones, "dataset": self.datasets, "method": self.methods}.get(axis)
             if table is None:
@@ -320,16 +325,32 @@ class Grid:
 # ---------------------------------------------------------------------------------------------- helpers
 def method_params(name: str) -> set[str]:
     """Parameter names the method preset ``name`` accepts."""
-    from calibprompt.methods import resolve_method
+    from calibprompt.methods import METHODS, resolve_method
 
     try:
-        return set(resolve_method(name).params)
+        spec = resolve_method(name)
     except ValueError as err:
         raise GridError(str(err)) from None
+    # a marker, not a parameter: the method learns prompts, so the n_ctx axis applies to it
+    return set(spec.params) | ({"n_ctx_axis"} if hasattr(METHODS[spec.kind], "from_prompt") else set())
 
 
 def _applies(key: str, accepted: set[str]) -> bool:
+    if key == N_CTX_KEY:  # context vectors exist only for prompt-learning methods
+        return "n_ctx_axis" in accepted
     return not key.startswith("method.") or key.split(".", 1)[1] in accepted
+
+
+N_CTX_KEY = "prompt.n_ctx"
+
+
+def _n_ctx_axis(spec: dict, source: str) -> dict:
+    """The ``n_ctx`` grid key as the sweep entry it stands for."""
+    if spec.get("n_ctx") is None:
+        return {}
+    if N_CTX_KEY in (spec.get("sweep") or {}):
+        raise GridError(f"{source}: give the context length either as n_ctx or as sweep: {{{N_CTX_KEY}: ...}}, not both")
+    return {N_CTX_KEY: _int_list(spec["n_ctx"], "n_ctx", source)}
 
 
 def _applicable(values: dict, accepted: set[str], explicit: bool, where: str) -> dict:
@@ -338,7 +359,8 @@ def _applicable(values: dict, accepted: set[str], explicit: bool, where: str) ->
         if _applies(key, accepted):
             out[key] = value
         elif explicit:
-            raise GridError(f"{where}: {key} is not a parameter of this method (it takes {sorted(accepted) or 'none'})")
+            raise GridError(f"{where}: {key} is not a parameter of this method (it takes "
+                            f"{sorted(accepted - {'n_ctx_axis'}) or 'none'})")
     return out
 
 

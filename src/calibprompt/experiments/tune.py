@@ -153,7 +153,7 @@ def run_tune(grid: Grid, out_dir: str | Path, *, method: str = "calibprompt", ob
     for p in params:
         key = space[p][0]
         if key.startswith("method.") and key.split(".", 1)[1] not in accepted:
-            raise ValueError(f"method {section['name']!r} has no parameter {p!r} (it takes {sorted(accepted) or 'none'})")
+            raise ValueError(f"method {section['name']!r} has no parameter {p!r} (it takes {sorted(accepted - {'n_ctx_axis'}) or 'none'})")
     seeds = list(seeds or grid.seeds)
     if shots is None:
         if grid.shots and len(grid.shots) > 1:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from calibprompt.reporting.ablation import ablation_axis, ablation_csv, ablation_plot, ablation_rows
 from calibprompt.reporting.collect import Collection, Group, read_predictions, collect
 from calibprompt.reporting.tables import (
     DEFAULT_METRICS,
@@ -207,6 +208,12 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
         parts.append(f"<h2>ECE against accuracy per dataset · {shots} shots</h2>"
                      f"<p>Mean over seeds with std error bars; lower right is better.</p><img src='{src(rel)}' "
                      "style='max-width:100%'>")
+    if figures.get("ablation"):
+        axis = figures["ablation"][0][0]
+        parts.append(f"<h2>Ablation: accuracy and ECE against {e(axis)}</h2><p>Mean over seeds with the 95% "
+                     "t-interval as a band, one line per method; the numbers are in <code>ablation.csv</code>.</p>")
+        for _, rel, title in figures["ablation"]:
+            parts.append(f"<div class='fig'><img src='{src(rel)}' alt='{e(title)}' style='width:760px'></div>")
     verdicts = conformal_verdicts(collection)
     if verdicts:
         parts.append("<h2>Conformal prediction sets: CalibPrompt against CoOp-CE</h2><ul>"
@@ -265,7 +272,17 @@ def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: 
     atomic_write_text(paths["md"], markdown(tables, collection) + "\n")
     atomic_write_text(paths["tex"], latex(tables, collection))
     atomic_write_text(paths["csv"], csv_text(tables, collection))
-    figures: dict[str, list] = {"ece_accuracy": [], "reliability": [], "risk_coverage": []}
+    figures: dict[str, list] = {"ece_accuracy": [], "reliability": [], "risk_coverage": [], "ablation": []}
+    axis = ablation_axis(collection)
+    if axis:
+        rows = ablation_rows(collection, axis)
+        paths["ablation_csv"] = target / "ablation.csv"
+        atomic_write_text(paths["ablation_csv"], ablation_csv(rows))
+        for b, d in dict.fromkeys((r["backbone"], r["dataset"]) for r in rows):
+            rel = f"figures/ablation/{slug(f'{axis}_{b}_{d}')}.png"
+            mine = [r for r in rows if (r["backbone"], r["dataset"]) == (b, d)]
+            if ablation_plot(mine, target / rel, f"{b} · {d}: accuracy and ECE against {axis}"):
+                figures["ablation"].append((axis, rel, f"{b} · {d}"))
     for shots in dict.fromkeys(g.shots for g in collection.groups):
         rel = f"figures/ece_accuracy_{shots}shot.png"
         if ece_accuracy_plot(collection, shots, target / rel):
