@@ -300,4 +300,8 @@ def test_conformal_columns_and_the_set_size_verdict_reach_the_report(local_sweep
     assert main(["report", str(out), "--no-diagrams"]) == 0
     html = (out / "report" / "report.html").read_text()
     assert "Conformal prediction sets: CalibPrompt against CoOp-CE" in html
+    claims = json.loads((out / "report" / "claims.json").read_text())
+    assert {c["verdict"] for c in claims["claims"]} <= {"supported", "not supported", "inconclusive"}
+    assert any(c["where"] == "tiny · breast · 2 shots" for c in claims["claims"])
+    assert "The paper's claims, checked on these results" in html
     assert re.search(r"calibprompt: mean set size [\d.]+ vs [\d.]+ for coop-ce \((smaller|not smaller)\)", html)

@@ -55,3 +55,69 @@ def test_shots_axis_and_sweeps_that_are_not_ablations(tmp_path):
                             for a in (0.1, 0.2) for lr in (0.1, 0.2)])
     assert ablation_axis(two_keys) is None  # two axes at once: not a one-axis ablation
     assert ablation_axis(_collection([_group("coop-ce", 8, "", [0.7], [0.1])])) is None
+
+
+def _cell(backbone: str, dataset: str, groups: dict[str, tuple[list[float], list[float]]]) -> list[Group]:
+    out = []
+    for method, (acc, ece) in groups.items():
+        g = Group(8, backbone, dataset, method, "")
+        g.seeds, g.values = [1, 2, 3], {"accuracy": acc, "ece": ece}
+        out.append(g)
+    return out
+
+
+def test_claims_are_computed_and_marked_supported_or_not():
+    from calibprompt.reporting.claims import all_claims, bootstrap_interval
+
+    groups = (_cell("BiomedCLIP", "COVID", {  # CalibPrompt: -70.6% ECE, same accuracy, best
+        "coop-ce": ([0.80, 0.82, 0.81], [0.10, 0.12, 0.11]),
+        "calibprompt": ([0.805, 0.81, 0.815], [0.03, 0.035, 0.032]),
+        "coop-ce+ts": ([0.80, 0.82, 0.81], [0.05, 0.06, 0.055])})
+        + _cell("PLIP", "Kather", {  # CalibPrompt worse in ECE and 3 points less accurate, third of three
+            "coop-ce": ([0.90, 0.91, 0.92], [0.05, 0.06, 0.04]),
+            "calibprompt": ([0.87, 0.88, 0.89], [0.07, 0.08, 0.065]),
+            "coop-ce+ts": ([0.90, 0.91, 0.92], [0.02, 0.03, 0.025])})
+        + _cell("PLIP", "PanNuke", {  # mixed signs over seeds: the interval spans 0
+            "coop-ce": ([0.7, 0.7, 0.7], [0.10, 0.10, 0.10]),
+            "calibprompt": ([0.7, 0.7, 0.7], [0.08, 0.11, 0.095])}))
+    result = all_claims(_collection(groups))
+    verdicts = {(c["statement"], c["where"]): c["verdict"] for c in result["claims"]}
+    lower = "CalibPrompt has lower ECE than CoOp-CE"
+    keep = "CalibPrompt does not lose accuracy (at most 1 point below CoOp-CE)"
+    assert verdicts[(lower, "BiomedCLIP · COVID · 8 shots")] == "supported"
+    assert verdicts[(lower, "PLIP · Kather · 8 shots")] == "not supported"
+    assert verdicts[(lower, "PLIP · PanNuke · 8 shots")] == "inconclusive"
+    assert verdicts[(keep, "BiomedCLIP · COVID · 8 shots")] == "supported"
+    assert verdicts[(keep, "PLIP · Kather · 8 shots")] == "not supported"
+    assert verdicts[("CalibPrompt reduces ECE by up to 70% relative to CoOp-CE", "all cells")] == "supported"
+    assert verdicts[("CalibPrompt has the best or second-best ECE in most cells", "all cells")] == "supported"  # 2 of 3
+    covid = next(r for r in result["cells"] if r["dataset"] == "COVID")
+    assert covid["relative_ece_reduction_pct"] == pytest.approx(100 * (0.11 - 0.097 / 3) / 0.11)
+    assert covid["ece_rank"] == 1 and covid["accuracy_change_points"] == pytest.approx(0.0, abs=1e-9)
+    kather = next(r for r in result["cells"] if r["dataset"] == "Kather")
+    assert kather["ece_rank"] == 3 and kather["accuracy_change_points"] == pytest.approx(-3.0)
+    low, high = bootstrap_interval(np.array([-0.02, 0.01, -0.005]))
+    assert low < 0 < high
+    assert bootstrap_interval(np.array([-0.07, -0.085, -0.078]))[1] < 0
+
+    weaker = all_claims(_collection(groups[3:]))  # without the COVID cell: no 70% reduction, 1 of 2 cells
+    verdicts = {c["statement"]: c["verdict"] for c in weaker["claims"] if c["where"] == "all cells"}
+    assert verdicts == {"CalibPrompt reduces ECE by up to 70% relative to CoOp-CE": "not supported",
+                        "CalibPrompt has the best or second-best ECE in most cells": "not supported"}
+
+
+def test_ablation_claims_for_shots_and_context_length():
+    from calibprompt.reporting.claims import ablation_claims
+
+    def row(axis, value, acc, ece, method="calibprompt"):
+        return {"backbone": "B", "dataset": "D", "method": method, "axis": axis, "value": value,
+                "accuracy_mean": acc, "ece_mean": ece}
+
+    shots = ablation_claims([row("shots", 1, 0.6, 0.2), row("shots", 16, 0.8, 0.1), row("shots", 1, 0.9, 0.0, "coop-ce")])
+    assert [(c.statement, c.verdict) for c in shots] == [
+        ("More shots improve CalibPrompt's accuracy and calibration", "supported")]
+    worse = ablation_claims([row("shots", 1, 0.6, 0.05), row("shots", 16, 0.8, 0.1)])
+    assert worse[0].verdict == "not supported"
+    ctx = ablation_claims([row("prompt.n_ctx", n, acc, ece) for n, acc, ece in
+                           ((4, 0.7, 0.05), (16, 0.8, 0.06), (32, 0.75, 0.09))])
+    assert ctx[0].verdict == "inconclusive" and "lowest ECE at n_ctx 4" in ctx[0].evidence

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from calibprompt.reporting.ablation import ablation_axis, ablation_csv, ablation_plot, ablation_rows
+from calibprompt.reporting.claims import all_claims
 from calibprompt.reporting.collect import Collection, Group, read_predictions, collect
 from calibprompt.reporting.tables import (
     DEFAULT_METRICS,
@@ -35,7 +36,7 @@ from calibprompt.reporting.tables import (
     latex,
     markdown,
 )
-from calibprompt.settings import atomic_write_bytes, atomic_write_text, slug
+from calibprompt.settings import atomic_write_bytes, atomic_write_json, atomic_write_text, slug
 
 
 def _figure(**kwargs):
@@ -208,6 +209,18 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
         parts.append(f"<h2>ECE against accuracy per dataset · {shots} shots</h2>"
                      f"<p>Mean over seeds with std error bars; lower right is better.</p><img src='{src(rel)}' "
                      "style='max-width:100%'>")
+    claims = figures.get("claims") or []
+    if claims:
+        colour = {"supported": "#1a7f37", "not supported": "#b42318", "inconclusive": "#9a6700"}
+        parts.append("<h2>The paper's claims, checked on these results</h2><p>Computed from this sweep's runs "
+                     "(<code>claims.json</code>); the rules are in the calibprompt documentation "
+                     "(docs/experiments.md, Reports).</p><table><thead><tr><th>claim</th><th>where</th>"
+                     "<th>verdict</th><th>evidence</th></tr></thead><tbody>")
+        for c in claims:
+            parts.append(f"<tr><td style='text-align:left'>{e(c['statement'])}</td><td style='text-align:left'>"
+                         f"{e(c['where'])}</td><td style='color:{colour.get(c['verdict'], '#000')}'><b>"
+                         f"{e(c['verdict'])}</b></td><td style='text-align:left'>{e(c['evidence'])}</td></tr>")
+        parts.append("</tbody></table>")
     if figures.get("ablation"):
         axis = figures["ablation"][0][0]
         parts.append(f"<h2>Ablation: accuracy and ECE against {e(axis)}</h2><p>Mean over seeds with the 95% "
@@ -274,8 +287,13 @@ def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: 
     atomic_write_text(paths["csv"], csv_text(tables, collection))
     figures: dict[str, list] = {"ece_accuracy": [], "reliability": [], "risk_coverage": [], "ablation": []}
     axis = ablation_axis(collection)
+    rows = ablation_rows(collection, axis) if axis else []
+    checked = all_claims(collection, rows)
+    if checked["claims"]:
+        paths["claims"] = target / "claims.json"
+        atomic_write_json(paths["claims"], checked)
+        figures["claims"] = checked["claims"]
     if axis:
-        rows = ablation_rows(collection, axis)
         paths["ablation_csv"] = target / "ablation.csv"
         atomic_write_text(paths["ablation_csv"], ablation_csv(rows))
         for b, d in dict.fromkeys((r["backbone"], r["dataset"]) for r in rows):
