@@ -90,3 +90,41 @@ def test_unknown_demo_key_is_an_error(tmp_path):
     bad.write_text("methodz: []\n")
     with pytest.raises(ValueError, match="methodz"):
         load_demo_config(bad)
+
+
+ABLATION_CONFIG = """
+run:
+  shots: 8
+  val_shots: 4
+  train: {epochs: 2, batch_size: 16, optimizer: adam, lr: 0.002, augment: false}
+reference: coop-ce
+methods:
+  - {label: CoOp-CE, method: {name: coop-ce}}
+  - {label: CalibPrompt, method: {name: calibprompt, alpha: 0.1, lambda_as: 1.0}}
+"""
+
+
+def test_demo_shots_ablation_writes_rows_figure_claims_and_a_report_section(tiny_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CALIBPROMPT_DATA", str(require_shared("medmnist/pneumoniamnist.npz").parent.parent))
+    config = tmp_path / "demo.yaml"
+    config.write_text(ABLATION_CONFIG)
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("# calibprompt demo\n\nthe main table\n")
+    args = ["demo", "--ablation", "shots", "--out", str(out), "--config", str(config), "--model", str(tiny_model),
+            "--seeds", "2", "--dataset", "pneumoniamnist", "--quiet"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "shots=16" in printed and "More shots improve CalibPrompt's accuracy and calibration" in printed
+    stored = json.loads((out / "ablation.json").read_text())
+    rows = stored["shots"]["rows"]
+    assert sorted({(r["method"], r["value"]) for r in rows}) == sorted(
+        (m, float(v)) for m in ("coop-ce", "calibprompt") for v in (1, 2, 4, 8, 16))
+    for r in rows:
+        assert r["n"] == 2 and len(r["ece_per_seed"]) == 2 and 0 <= r["accuracy_mean"] <= 1
+    assert stored["shots"]["claims"][0]["verdict"] in ("supported", "not supported")
+    assert (out / "figures" / "ablation_shots.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(args) == 0  # again: the section is replaced, not repeated; the main report is kept
+    report = (out / "report.md").read_text()
+    assert report.startswith("# calibprompt demo") and report.count("## Ablation: shots") == 1
+    assert "![ablation shots](figures/ablation_shots.png)" in report

@@ -43,6 +43,9 @@ def register(sub) -> None:
     p.add_argument("--eval-on", choices=("test", "val"),
                    help="evaluate on the test split (default) or on the val images that are not validation shots "
                         "(for investigations and tuning that must not look at the test split)")
+    p.add_argument("--ablation", choices=("shots", "ctx"),
+                   help="instead of the table: the paper's study of shots (1-16) or context tokens (4-24) for CoOp-CE "
+                        "and CalibPrompt (3 seeds unless --seeds); writes ablation.json and a figure")
     p.add_argument("--quiet", action="store_true", help="no progress output; print only the table")
     p.set_defaults(func=_demo)
 
@@ -86,6 +89,12 @@ def _pretrain(args) -> int:
 def _demo(args) -> int:
     from calibprompt.demo import run_demo
 
+    if args.ablation:
+        from calibprompt.demo.ablation import run_ablation
+
+        run_ablation(args.out, args.ablation, dataset=args.dataset, seeds=args.seeds, config=args.config,
+                     model=args.model, quiet=args.quiet)
+        return 0
     overrides = {"steps": args.pretrain_steps} if args.pretrain_steps else None
     run_demo(args.out, dataset=args.dataset, seeds=args.seeds, config=args.config, model=args.model,
              quiet=args.quiet, retrain=args.retrain, pretrain_overrides=overrides, eval_on=args.eval_on)

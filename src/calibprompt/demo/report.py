@@ -282,4 +282,13 @@ def write_report(path: Path, rows: list[dict], paired: list[dict], info: dict, f
               "## Settings", "", "```json", json.dumps(info["run"], indent=2), "```", ""]
     if info.get("notes"):
         lines += ["## Warnings raised by the runs", ""] + [f"- {n}" for n in info["notes"]] + [""]
-    atomic_write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines + _kept_sections(path)))
+
+
+def _kept_sections(path: Path) -> list[str]:
+    """The ablation sections (``demo --ablation``) of an earlier report.md, carried over when it is rewritten."""
+    if not path.is_file():
+        return []
+    import re
+
+    return [m.group(0) + "\n" for m in re.finditer(r"<!-- ablation:(\w+) -->.*?<!-- ablation:\1 -->", path.read_text(), re.S)]

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from calibprompt.losses import build_objective, get_loss
 from calibprompt.losses.registry import LOSSES
-from calibprompt.methods import clap, clip_adapter, coop, linear_probe, lp_plus_plus, tip_adapter, zeroshot  # noqa: F401
+from calibprompt.methods import clap, clip_adapter, coop, coop_auto, linear_probe, lp_plus_plus, tip_adapter, zeroshot  # noqa: F401
 from calibprompt.methods.base import METHODS, Method
 
 
@@ -118,6 +118,14 @@ PRESETS: dict[str, _Preset] = {
         {**_A, **_L},
         lambda alpha, lambda_as: [_term("LS", alpha=alpha), _term("SMAC", alpha=alpha), _term("AS", lambda_as)],
         note="In class-balanced batches SMAC does not depend on alpha (docs/parity.md, Q6); alpha then acts through LS only.",
+    ),
+    "calibprompt-auto": _Preset(
+        "LS(alpha) + SMAC(alpha) + lambda_as * AS, (alpha, lambda_as) chosen by cross-validation on the training shots",
+        {},
+        lambda: [_term("LS", alpha=0.1), _term("SMAC", alpha=0.1), _term("AS", 1.0)],
+        note="No manual tuning: the grid (alphas, lambdas), folds and acc_tolerance are its parameters; it never "
+             "reads the validation shots (docs/methods.md).",
+        kind="coop-auto",
     ),
     "calibprompt-ce": _Preset(
         "CE + SMAC(alpha) + lambda_as * AS",

@@ -57,6 +57,9 @@ class PromptLearner(nn.Module):
         ids = backbone.tokenize(prompts)
         ids = ids[:, : int(backbone.real_lengths(ids).max())]  # exact: see Backbone.real_lengths
         placeholder = ids[0, 1]
+        if n_ctx + 2 > int(backbone.info.context_length):  # start token + context + end token must fit
+            raise ValueError(f"prompt.n_ctx {n_ctx} does not fit {backbone.info.name}'s text encoder of "
+                             f"{backbone.info.context_length} tokens (with the start and end tokens); lower prompt.n_ctx")
         if not bool((ids[:, 1 : 1 + n_ctx] == placeholder).all()):
             raise ValueError(
                 f"the tokenizer of {backbone.info.name} does not map each placeholder word "

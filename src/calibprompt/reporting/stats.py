@@ -75,6 +75,5 @@ def set_size_verdicts(rows: list[dict], reference: str) -> list[str]:
         smaller = r["size"] < ref["size"]
         out.append(f"{r['label']}: mean set size {r['size']:.3f} vs {ref['size']:.3f} for {reference} "
                    f"({'smaller' if smaller else 'not smaller'}), coverage {100 * r['coverage']:.1f}% vs "
-                   f"{100 * ref['coverage']:.1f}%: better calibration "
-                   + ("gave smaller sets here." if smaller else "did not give smaller sets here."))
+                   f"{100 * ref['coverage']:.1f}%.")
     return out
