@@ -289,3 +289,18 @@ def test_applicable_scikit_learn_estimator_checks():
             ran.append(check)
     assert len(ran) >= 5, ran
     assert clone(estimator).get_params() == estimator.get_params()
+
+
+def test_predict_reads_16_bit_tiff_and_dicom(exported, tmp_path, capsys):
+    from tests.test_data_helpers import write_dicom
+
+    path, _ = exported
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 4096, (40, 40), dtype=np.uint16)).save(folder / "a.tif")
+    write_dicom(folder / "b.dcm", rng.integers(0, 4096, (40, 40), dtype=np.uint16), bits_stored=12)
+    assert main(["predict", str(path), str(folder), "--format", "json", "--quiet"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert sorted(Path(r["image"]).name for r in records) == ["a.tif", "b.dcm"]
+    assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-9 for r in records)

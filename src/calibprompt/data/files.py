@@ -58,7 +58,9 @@ class FileDataset(ImageDataset):
 
     def _pixel_hash(self, sample: Sample) -> str:
         # 8-bit grey or colour pictures hash as stored (an npz array of the same picture hashes the same);
-        # anything else (16-bit, alpha, palette) as the RGB image the model sees
+        # anything else (16-bit, alpha, palette, DICOM) as the RGB image the model sees
+        if self.kinds[sample.ref] == "dicom":
+            return super()._pixel_hash(sample)
         with Image.open(self.paths[sample.ref]) as image:
             if image.mode in ("L", "RGB"):
                 return hash_array(np.ascontiguousarray(np.asarray(image)))
