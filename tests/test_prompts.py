@@ -68,3 +68,21 @@ def test_only_context_receives_gradients(backbone):
 def test_bad_position_is_an_error(backbone):
     with pytest.raises(ValueError, match="position"):
         PromptLearner(backbone, CLASSES, position="left")
+
+
+def test_prompts_longer_than_the_text_encoder_get_a_note(caplog):
+    import logging
+
+    from calibprompt.methods.prompt_learner import PromptLearner
+    from tests.random_models import random_open_clip_backbone
+    from tests.tiny_models import TINY_CLIP
+
+    backbone = random_open_clip_backbone(TINY_CLIP, "tiny-clip")  # 77 tokens
+    with caplog.at_level(logging.WARNING, logger="calibprompt"):
+        PromptLearner(backbone, ["normal", "tumor"], n_ctx=70)
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING, logger="calibprompt"):
+        PromptLearner(backbone, ["normal", "tumor"], n_ctx=74)
+    assert any("class names are cut" in r.getMessage() and "needs 78 tokens" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="does not fit"):
+        PromptLearner(backbone, ["normal", "tumor"], n_ctx=76)

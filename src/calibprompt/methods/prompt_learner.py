@@ -68,6 +68,14 @@ class PromptLearner(nn.Module):
         # Number of tokens of each class name (needed to move the class tokens for front/middle).
         name_ids = backbone.tokenize(self.classnames)
         self.register_buffer("name_lens", (backbone.token_counts(name_ids) - 2).clamp(min=1), persistent=False)
+        needed = 1 + n_ctx + int(self.name_lens.max()) + 2  # start, context, class name, ".", end
+        if needed > int(backbone.info.context_length):
+            from calibprompt.progress import note
+
+            note(f"prompt.n_ctx {n_ctx}: the longest class prompt needs {needed} tokens and {backbone.info.name}'s text "
+                 f"encoder keeps {backbone.info.context_length}, so class names are cut (all classes may get the same "
+                 "prompt); lower prompt.n_ctx unless this reproduces the official code's truncation",
+                 key=f"truncated:{backbone.info.name}:{n_ctx}")
         with torch.no_grad():
             embedded = backbone.embed_tokens(ids).to(dtype)
         self.register_buffer("ids", ids, persistent=False)
