@@ -17,6 +17,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def risk_by_threshold(conf: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(thresholds tau_j decreasing, accepted counts, risk) when accepting conf >= tau_j, one entry per
+    distinct confidence: tied confidences are accepted or rejected together."""
+    order = np.argsort(-conf, kind="stable")
+    c, e = conf[order], errors[order]
+    ends = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # the last image of each run of equal confidence
+    accepted = ends + 1
+    return c[ends], accepted, np.cumsum(e)[ends] / accepted
+
+
 @dataclass
 class SelectiveThreshold:
     """``fit(probs, labels)`` chooses ``threshold_``; ``abstain(probs)`` flags images below it."""
@@ -37,17 +47,13 @@ class SelectiveThreshold:
             raise ValueError(f"selective threshold: probs (N, K) and labels (N,) needed, got {probs.shape}, "
                              f"{labels.shape}")
         conf = probs.max(1)
-        errors = (probs.argmax(1) != labels).astype(np.float64)
-        order = np.argsort(-conf, kind="stable")
-        c, e = conf[order], errors[order]
-        ends = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # the last image of each run of equal confidence
-        risk = np.cumsum(e)[ends] / (ends + 1)
+        thresholds, accepted, risk = risk_by_threshold(conf, (probs.argmax(1) != labels).astype(np.float64))
         ok = np.flatnonzero(risk <= self.target_risk + 1e-12)
         if len(ok):
             best = ok[-1]
-            self.threshold_, self.calibration_coverage_, self.met_ = float(c[ends[best]]), (ends[best] + 1) / len(c), True
+            self.threshold_, self.calibration_coverage_, self.met_ = float(thresholds[best]), accepted[best] / len(conf), True
         else:
-            self.threshold_, self.calibration_coverage_, self.met_ = math.nextafter(float(c[0]), math.inf), 0.0, False
+            self.threshold_, self.calibration_coverage_, self.met_ = math.nextafter(float(thresholds[0]), math.inf), 0.0, False
         return self
 
     def abstain(self, probs) -> np.ndarray:

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from calibprompt.demo.config import load_demo_config, parse_seeds
+from calibprompt.demo.report import table_lines
 from calibprompt.reporting.ablation import ablation_plot
 from calibprompt.reporting.claims import ablation_claims
 from calibprompt.reporting.stats import t_interval
@@ -99,12 +100,7 @@ def format_ablation(rows: list[dict], key: str, markdown: bool = False) -> str:
     body = [[label, name] + [f"{100 * cell[(label, v)][f'{m}_mean']:.1f} ± {100 * cell[(label, v)][f'{m}_std']:.1f}"
                              for v in values]
             for label in labels for m, name in (("accuracy", "accuracy (%)"), ("ece", "ECE (%)"))]
-    if markdown:
-        return "\n".join(["| " + " | ".join(heads) + " |", "|" + "|".join(["---", "---"] + ["---:"] * len(values)) + "|"]
-                         + ["| " + " | ".join(b) + " |" for b in body])
-    widths = [max(len(x[i]) for x in [heads] + body) for i in range(len(heads))]
-    return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
-                     for line in [heads] + body)
+    return "\n".join(table_lines(heads, body, markdown, left=2))
 
 
 def _write_section(out: Path, axis: str, key: str, rows: list[dict], claims: list[dict], figure: Path, n_seeds: int,

@@ -71,15 +71,10 @@ def format_conformal(rows: list[dict], reference: str | None, markdown: bool = F
              _cell(r, "cp_singleton", True), _cell(r, "cp_ccv", True), _cell(r, "aurc", True)] for r in rows]
     title = (f"Conformal prediction sets ({score.upper()}, alpha {alpha}: target coverage {100 * (1 - alpha):.0f}%), "
              "calibrated on the validation shots")
-    if markdown:
-        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * 5) + "|"]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-    else:
-        widths = [max(len(x[i]) for x in [heads] + body) for i in range(len(heads))]
-        lines = [title, "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
-        lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths))) for b in body]
-    lines += ["", *set_size_readings(rows, reference)]
-    return "\n".join(lines)
+    lines = table_lines(heads, body, markdown)
+    if not markdown:
+        lines = [title, *lines]
+    return "\n".join([*lines, "", *set_size_readings(rows, reference)])
 
 
 def set_size_readings(rows: list[dict], reference: str | None) -> list[str]:
@@ -95,23 +90,31 @@ def _cell(row: dict, key: str, percent: bool) -> str:
     return f"{m * 100:.1f} ± {s * 100:.1f}" if percent else f"{m:.3f} ± {s:.3f}"
 
 
+def table_lines(heads: list[str], body: list[list[str]], markdown: bool, left: int = 1, rule: bool = False
+                ) -> list[str]:
+    """A table as lines: Markdown (the first ``left`` columns left-aligned, the rest right-aligned), or
+    plain text padded to column widths, the same alignment, with a dashed rule under the header if ``rule``."""
+    if markdown:
+        return ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] * left + ["---:"] * (len(heads) - left)) + "|",
+                *["| " + " | ".join(b) + " |" for b in body]]
+    widths = [max(len(x[i]) for x in [heads] + body) for i in range(len(heads))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    head = line(heads)
+    return [head, *(["-" * len(head)] if rule else []), *map(line, body)]
+
+
 def format_table(rows: list[dict], markdown: bool = False) -> str:
     heads = ["Method"] + [f"{title} (%)" if pct else title for _, title, pct in METRICS]
     body = [[r["label"]] + [_cell(r, k, p) for k, _, p in METRICS] for r in rows]
     if markdown:
-        lines = ["| " + " | ".join(heads) + " |", "|" + "|".join(["---"] + ["---:"] * len(METRICS)) + "|"]
-        lines += ["| " + " | ".join(b) + " |" for b in body]
-        return "\n".join(lines)
-    widths = [max(len(x[i]) for x in [heads] + body) for i in range(len(heads))]
+        return "\n".join(table_lines(heads, body, True))
     first = rows[0] if rows else {}
     title = (f"{first.get('dataset', '')} {first.get('evaluated_on', 'test')} split ({first.get('n_test', '?')} images), "
              f"mean ± std over {first.get('n_seeds', '?')} seeds, backbone {first.get('backbone', '')}")
-    sep = "  "
-    lines = [title, sep.join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths)))]
-    lines.append("-" * len(lines[-1]))
-    lines += [sep.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(b, widths)))
-              for b in body]
-    return "\n".join(lines)
+    return "\n".join([title, *table_lines(heads, body, False, rule=True)])
 
 
 def format_paired(paired: list[dict], reference: str | None) -> str:

@@ -84,7 +84,7 @@ class CalibPromptClassifier(ClassifierMixin, BaseEstimator):
         device = pipeline.resolve_device(self.device)
         backbone = pipeline.loaded_backbone(resolved["backbone"], device)
         method = pipeline.build_method(resolved)
-        cache = self._cache(resolved)
+        cache = self._cache()
         feats = pipeline.encode(cache, backbone, dataset, method, resolved, [val_s], train_s, True, not self.quiet)
         val_feats = feats.evals[0]
         fitted = pipeline.fit(method, backbone, dataset, resolved, train_s, feats.train_views,
@@ -128,7 +128,7 @@ class CalibPromptClassifier(ClassifierMixin, BaseEstimator):
                     "selective": {"target_risk": self.target_risk}}, "CalibPromptClassifier")
         return resolve(cfg)
 
-    def _cache(self, resolved: dict | None = None):
+    def _cache(self):
         from calibprompt.features import FeatureCache
 
         return FeatureCache(self.cache_dir)
@@ -143,8 +143,8 @@ class CalibPromptClassifier(ClassifierMixin, BaseEstimator):
         """(N, K) calibrated class probabilities, columns in the order of ``classes_``."""
         return self._proba(X)[0]
 
-    def _proba(self, X) -> tuple[np.ndarray, list[str]]:
-        """(probabilities, the images' content hashes)."""
+    def _proba(self, X):
+        """(probabilities, the dataset of ``X``)."""
         from calibprompt.deploy.predict import check_backbone, probabilities
 
         self._check_fitted()
@@ -152,7 +152,7 @@ class CalibPromptClassifier(ClassifierMixin, BaseEstimator):
         check_backbone(self.model_, backbone)
         dataset = _dataset(X, np.zeros(_length(X), dtype=np.int64), self.model_.classnames, self.model_.template, "test")
         feats = self._cache().features(backbone, dataset, dataset.samples, progress=not self.quiet)
-        return probabilities(self.model_, feats), [dataset.pixel_hash(s) for s in dataset.samples]
+        return probabilities(self.model_, feats), dataset
 
     def predict(self, X) -> np.ndarray:
         """The class of highest calibrated probability, as a label of ``classes_``."""
@@ -176,8 +176,8 @@ class CalibPromptClassifier(ClassifierMixin, BaseEstimator):
             conformal.fit(probs, labels, uniform_from_keys(keys))
         if conformal is None:
             raise ValueError("no conformal threshold: fit with conformal_alpha (and val_shots), or pass alpha")
-        probs, keys = self._proba(X)
-        return decide(probs, conformal, None, keys)[0]
+        probs, dataset = self._proba(X)
+        return decide(probs, conformal, None, dataset, dataset.samples)[0]
 
     # ---- persistence --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
@@ -233,11 +233,7 @@ def _dataset(X, y_index: np.ndarray, names: list[str], template: str, split: str
             raise ValueError(f"X must be images (N, H, W) or (N, H, W, C), got an array of shape {X.shape}")
         return ArrayDataset("in-memory", names, template, {split: X}, {split: np.asarray(y_index)},
                             location="in-memory")
-    from calibprompt.data.files import FileDataset, FileEntry, check_files
-    from calibprompt.data.images import image_kind
+    from calibprompt.deploy.predict import files_dataset
 
-    paths = [Path(p).expanduser().resolve() for p in X]
-    entries = [FileEntry(f"{i}:{p}", p, int(label), split, image_kind(p) or "image")
-               for i, (p, label) in enumerate(zip(paths, y_index))]
-    good, _, hashes = check_files(entries, verify="full", skip_bad=False, where="CalibPromptClassifier")
-    return FileDataset("in-memory", names, template, good, source="files", hashes=hashes)
+    return files_dataset([Path(p).expanduser().resolve() for p in X], names, template, labels=y_index, split=split,
+                         unique_refs=True, where="CalibPromptClassifier")

@@ -71,15 +71,19 @@ def _csv_paths(path: Path) -> list[Path]:
     return paths
 
 
-def files_dataset(paths: Sequence[Path], classnames: list[str], template: str):
-    """An unlabelled dataset of ``paths`` (label 0, split "test"); every file read and decoded now, so a
-    corrupt one is an error naming it before any encoding starts."""
+def files_dataset(paths: Sequence[Path], classnames: list[str], template: str, labels: Sequence[int] | None = None,
+                  split: str = "test", unique_refs: bool = False, where: str = "predict"):
+    """A dataset of image files (label 0 unless ``labels``); every file read and decoded now, so a corrupt
+    one is an error naming it before any encoding starts. Refs are the paths, or with ``unique_refs``
+    "<index>:<path>" so that a file listed twice is two samples. ``where`` names the caller in errors."""
     from calibprompt.data.files import FileDataset, FileEntry, check_files
     from calibprompt.data.images import image_kind
 
-    entries = [FileEntry(str(p), p, 0, "test", image_kind(p) or "image") for p in paths]
-    good, _, hashes = check_files(entries, verify="full", skip_bad=False, where="predict")
-    return FileDataset("predict", classnames, template, good, source="predict", hashes=hashes)
+    labels = [0] * len(paths) if labels is None else labels
+    entries = [FileEntry(f"{i}:{p}" if unique_refs else str(p), p, int(y), split, image_kind(p) or "image")
+               for i, (p, y) in enumerate(zip(paths, labels))]
+    good, _, hashes = check_files(entries, verify="full", skip_bad=False, where=where)
+    return FileDataset(where, classnames, template, good, source=where, hashes=hashes)
 
 
 def check_backbone(model: DeployedModel, backbone) -> None:
@@ -115,7 +119,7 @@ def predict_files(model: DeployedModel, inputs: Sequence[str | Path], *, backbon
     cache = cache if cache is not None else FeatureCache(cache_dir, **(model.config.get("encode") or {}))
     feats = cache.features(backbone, dataset, dataset.samples, progress=progress)
     probs = probabilities(model, feats)
-    sets, abstain = decide(probs, model.conformal, model.selective, [dataset.pixel_hash(s) for s in dataset.samples])
+    sets, abstain = decide(probs, model.conformal, model.selective, dataset, dataset.samples)
     names = model.classnames
     return [{"image": sample.ref, "prediction": names[int(row.argmax())],
              "probabilities": {n: float(p) for n, p in zip(names, row)},

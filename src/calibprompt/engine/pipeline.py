@@ -220,21 +220,23 @@ def fit_decisions(resolved: dict, head, calibrator, val_feats: torch.Tensor | No
         conformal = ConformalPredictor(float(cp_cfg["alpha"]), cp_cfg["score"], float(cp_cfg["lambda"]),
                                        int(cp_cfg["k_reg"]), bool(cp_cfg.get("randomized", True)),
                                        bool(cp_cfg.get("by_class", False)))
-        conformal.fit(probs, labels, uniform_from_keys([dataset.pixel_hash(s) for s in val_s]))
+        conformal.fit(probs, labels, uniform_from_keys([dataset.pixel_hash(s) for s in val_s])
+                      if conformal.uses_u else None)
     if sel_cfg.get("target_risk") is not None:
         selective = SelectiveThreshold(float(sel_cfg["target_risk"])).fit(probs, labels)
     return conformal, selective
 
 
-def decide(probs: np.ndarray, conformal=None, selective=None, keys: Sequence[str] = ()
+def decide(probs: np.ndarray, conformal=None, selective=None, dataset=None, samples: Sequence = ()
            ) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """(prediction sets (N, K) or None, abstain flags (N,) or None) of calibrated probabilities; ``keys``
-    (the images' content hashes) seed randomised APS/RAPS per image."""
+    """(prediction sets (N, K) or None, abstain flags (N,) or None) of the calibrated probabilities of
+    ``samples``; randomised APS/RAPS draw each image's u from its pixel hash in ``dataset`` (decoded only then)."""
     from calibprompt.calibration.conformal import uniform_from_keys
 
     sets = None
     if conformal is not None:
-        sets = conformal.predict_sets(probs, uniform_from_keys(keys) if conformal.uses_u else None)
+        u = uniform_from_keys([dataset.pixel_hash(s) for s in samples]) if conformal.uses_u else None
+        sets = conformal.predict_sets(probs, u)
     return sets, (selective.abstain(probs) if selective is not None else None)
 
 

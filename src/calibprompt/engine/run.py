@@ -113,14 +113,14 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     metrics, metrics_ref = _evaluate(test_logits, test_labels, out_dir, resolved)
     conformal, selective = pipeline.fit_decisions(resolved, head, calibrator, val_feats, val_s, dataset,
                                                   int(resolved["eval"]["batch_size"]))
-    test_keys = [dataset.pixel_hash(s) for s in test_s] if conformal is not None else []
-    decisions = _decision_metrics(test_logits, test_labels, conformal, selective, metrics, test_keys)
+    test_probs = torch.softmax(test_logits.double(), dim=1).numpy()
+    sets, abstain = pipeline.decide(test_probs, conformal, selective, dataset, test_s)
+    decisions = _decision_metrics(test_probs, test_labels, conformal, selective, sets, abstain, metrics)
     timings["evaluate"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     flags = run_flags(fitted.info, posthoc_info, metrics, test_labels, method.trains and head_from is None)
     for flag in flags:
         note(f"run {resolved.get('name') or out_dir}: {flag['message']}")
-    sets, abstain = pipeline.decide(torch.softmax(test_logits.double(), dim=1).numpy(), conformal, selective, test_keys)
     write_predictions(out_dir / "predictions.csv", test_s, test_logits, list(dataset.classnames), sets, abstain)
 
     result = {
@@ -171,16 +171,15 @@ def changed_inputs(done: dict, resolved: dict) -> str:
     return "; ".join(changes)
 
 
-def _decision_metrics(logits: torch.Tensor, labels: np.ndarray, conformal, selective, metrics: dict,
-                      keys: list[str]) -> dict:
+def _decision_metrics(probs: np.ndarray, labels: np.ndarray, conformal, selective, sets, abstain,
+                      metrics: dict) -> dict:
     """Adds selective-prediction metrics (AURC, E-AURC, ...) and, when fitted, the conformal (``cp_*``) and
-    abstention (``sel_*``) metrics on the test split to ``metrics``; returns the fitted states with details."""
+    abstention (``sel_*``) metrics of the test sets and abstentions to ``metrics``; returns the fitted states
+    with details."""
     from calibprompt.metrics.conformal import conformal_metrics
     from calibprompt.metrics.selective import selective_metrics, selective_outcome
 
-    probs = torch.softmax(logits.double(), dim=1).numpy()
     metrics.update(selective_metrics(probs, labels, inputs="probs"))
-    sets, abstain = pipeline.decide(probs, conformal, selective, keys)
     out: dict = {}
     if sets is not None:
         cm = conformal_metrics(sets, labels, conformal.alpha)

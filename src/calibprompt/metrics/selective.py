@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from calibprompt.calibration.selective import risk_by_threshold
+
 from .inputs import top_label
 
 
@@ -31,12 +33,8 @@ class RiskCoverage:
 
 
 def _curve(conf: np.ndarray, errors: np.ndarray) -> RiskCoverage:
-    n = conf.shape[0]
-    order = np.argsort(-conf, kind="stable")
-    c, e = conf[order], errors[order]
-    ends = np.flatnonzero(np.r_[c[1:] != c[:-1], True])  # last position of each run of equal conf
-    accepted = ends + 1
-    return RiskCoverage(accepted / n, np.cumsum(e)[ends] / accepted, c[ends])
+    thresholds, accepted, risk = risk_by_threshold(conf, errors)
+    return RiskCoverage(accepted / conf.shape[0], risk, thresholds)
 
 
 def _aurc(curve: RiskCoverage) -> float:

@@ -55,8 +55,8 @@ def _per_seed(g: Group, metric: str) -> dict[int, float]:
 
 
 def _mean(g: Group, metric: str) -> float:
-    vals = list(_per_seed(g, metric).values())
-    return float(np.mean(vals)) if vals else float("nan")
+    stat = g.stat(metric)  # (mean, std, n) over the seeds with a value
+    return float(stat[0]) if stat else float("nan")
 
 
 def cell_claims(collection: Collection) -> tuple[list[Claim], list[dict]]:
