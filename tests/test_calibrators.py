@@ -61,7 +61,7 @@ def test_ts_keeps_argmax_and_lowers_nll(pneumonia_logits):
     zv, yv, zt, yt = pneumonia_logits
     ts = get_calibrator("ts").fit(zv, yv)
     out = ts.transform(zt)
-    assert ts.temperature > 1.0  # overconfident -> softened
+    assert ts.temperature_ > 1.0  # overconfident -> softened
     assert np.array_equal(out.argmax(1), zt.argmax(1))
     assert _nll(out, yt) < _nll(zt, yt) - 0.5
     assert _ece(out, yt) < _ece(zt, yt)
@@ -72,7 +72,7 @@ def test_ts_finds_the_nll_minimum(pneumonia_logits):
     ts = get_calibrator("ts").fit(zv, yv)
     grid = np.exp(np.linspace(np.log(0.1), np.log(100), 4001))
     best = grid[np.argmin([_nll(zv / t, yv) for t in grid])]
-    assert ts.temperature == pytest.approx(best, rel=5e-3)
+    assert ts.temperature_ == pytest.approx(best, rel=5e-3)
     assert ts.fitted_params()["nll_after"] <= ts.fitted_params()["nll_before"]
 
 
@@ -84,7 +84,7 @@ def test_ts_is_robust_to_huge_logits():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no overflow warnings, and not stuck at a bound
         ts = get_calibrator("ts").fit(logits, labels)
-    assert ts.temperature == pytest.approx(300.0, rel=0.15)
+    assert ts.temperature_ == pytest.approx(300.0, rel=0.15)
     assert np.all(np.isfinite(ts.transform(logits)))
 
 
@@ -153,9 +153,9 @@ def test_zero_shot_temperature_is_reused_on_another_dataset(pneumonia_logits, tm
     path = tmp_path / "zs_temperature.json"
     cal.save(path)
     loaded = type(cal).load(path)
-    assert loaded.temperature == cal.temperature and loaded.fitted_params()["source"] == "pneumoniamnist"
+    assert loaded.temperature_ == cal.temperature_ and loaded.fitted_params()["source"] == "pneumoniamnist"
     other = np.random.default_rng(2).normal(size=(5, 9)) * 20  # another dataset with K = 9
-    assert np.allclose(loaded.transform(other), other / cal.temperature)
+    assert np.allclose(loaded.transform(other), other / cal.temperature_)
 
 
 def test_errors_are_clear(pneumonia_logits):

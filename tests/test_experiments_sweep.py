@@ -305,3 +305,12 @@ def test_conformal_columns_and_the_set_size_verdict_reach_the_report(local_sweep
     assert any(c["where"] == "tiny · breast · 2 shots" for c in claims["claims"])
     assert "The paper's claims, checked on these results" in html
     assert re.search(r"calibprompt: mean set size [\d.]+ vs [\d.]+ for coop-ce \((smaller|not smaller)\)", html)
+    # every run's test-set bootstrap intervals (eval.bootstrap) reach intervals.csv and the HTML
+    assert "Test-set uncertainty of each run" in html
+    with open(out / "report" / "intervals.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows and len(rows) == len(list((out / "runs").glob("*/metrics.json")))  # one per finished run
+    for row in rows:
+        assert float(row["ece_low"]) <= float(row["ece"]) + 1e-9 and float(row["ece"]) <= float(row["ece_high"]) + 1e-9
+        assert float(row["accuracy_low"]) <= float(row["accuracy"]) <= float(row["accuracy_high"])
+        assert row["n_resamples"] == "1000"

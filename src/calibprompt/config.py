@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,  # False: every epoch uses the test transform (no crop/flip)
         "aug_seed": 0,
     },
-    "eval": {"n_bins": 10, "batch_size": 100},
+    # bootstrap: resamples of the test images for the 95% intervals of ECE and accuracy (0: none)
+    "eval": {"n_bins": 10, "batch_size": 100, "bootstrap": 1000},
     "device": "cpu",  # "cpu", "cuda", "cuda:N" or "auto"
     "cache_dir": None,  # feature cache root; None = $CALIBPROMPT_CACHE or ~/.cache/calibprompt
     # image encoding: processes decoding images beside the encoder (0 = in its thread; "auto" decides
@@ -55,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
 }
 OFF_WHEN_NULL = {"conformal": "alpha", "selective": "target_risk"}  # left out of the run identity while off
 OPEN_SECTIONS = ("backbone", "data", "method")
-NOT_HASHED = ("device", "cache_dir", "name", "encode")  # none of them changes a result
+NOT_HASHED = ("device", "cache_dir", "name", "encode", "eval.bootstrap")  # none of them changes a result
 
 
 class _Loader(yaml.SafeLoader):
@@ -154,7 +155,7 @@ SCHEMA: dict[str, tuple] = {
     "train.warmup_epochs": ("int", 0, None), "train.warmup_lr": ("float", 0, None),
     "train.optimizer": (("sgd", "adam"), None, None), "train.drop_last": ("bool", None, None),
     "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
-    "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "encode.batch_size": ("int", 1, None),
+    "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "eval.bootstrap": ("int", 0, None), "encode.batch_size": ("int", 1, None),
     "conformal.alpha": ("float", "(0", 0.99), "conformal.score": (("lac", "aps", "raps"), None, None),
     "conformal.lambda": ("float", 0, None), "conformal.k_reg": ("int", 0, None), "conformal.randomized": ("bool", None, None),
     "conformal.by_class": ("bool", None, None),
@@ -281,8 +282,13 @@ def backbone_default(backbone_cfg: dict, key: str, fallback: Any) -> Any:
 def config_hash(resolved: dict) -> str:
     """Identity of a run: sha256 of the resolved config minus keys that cannot change its results."""
     # a decision section that is off is left out, so adding one to calibprompt kept older runs' identity
-    return sha256_json({k: v for k, v in resolved.items() if k not in NOT_HASHED
-                        and not (k in OFF_WHEN_NULL and (v or {}).get(OFF_WHEN_NULL[k]) is None)})
+    kept = {k: v for k, v in resolved.items() if k not in NOT_HASHED
+            and not (k in OFF_WHEN_NULL and (v or {}).get(OFF_WHEN_NULL[k]) is None)}
+    for dotted in NOT_HASHED:  # a key inside a section ("eval.bootstrap")
+        section, _, key = dotted.partition(".")
+        if key and isinstance(kept.get(section), dict):
+            kept[section] = {k: v for k, v in kept[section].items() if k != key}
+    return sha256_json(kept)
 
 
 def dump(cfg: dict) -> str:

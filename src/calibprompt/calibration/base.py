@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 from scipy.special import logsumexp, softmax
+from sklearn.base import BaseEstimator
 
 from calibprompt.settings import atomic_write_json, registrar
 
@@ -38,7 +39,7 @@ def _nll(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(logsumexp(logits, axis=1) - logits[np.arange(len(labels)), labels]))
 
 
-class Calibrator:
+class Calibrator(BaseEstimator):
     """Base class: input validation, fit/transform plumbing, JSON save and load."""
 
     name: ClassVar[str] = ""
@@ -49,8 +50,8 @@ class Calibrator:
     as_suffix: ClassVar[bool] = True
 
     def __init__(self) -> None:
-        self.num_classes: int | None = None
-        self.n_fit: int = 0
+        self.num_classes_: int | None = None
+        self.n_fit_: int = 0
 
     # -------------------------------------------------------------- public API
     def fit(self, val_logits: Any, val_labels: Any) -> "Calibrator":
@@ -62,18 +63,18 @@ class Calibrator:
                 f"{self.name}.fit: got {len(labels)} validation samples; at least {needed} are needed. "
                 f"Hold out more validation data (e.g. more val shots per class)."
             )
-        self.num_classes = logits.shape[1]
-        self.n_fit = len(labels)
+        self.num_classes_ = logits.shape[1]
+        self.n_fit_ = len(labels)
         self._fit(logits, labels)
         return self
 
     def transform(self, logits: Any) -> Any:
-        if self.num_classes is None:
+        if self.num_classes_ is None:
             raise ValueError(f"{self.name}: call fit(val_logits, val_labels) (or load a saved one) before transform")
         z = self._logits(logits, "transform")
-        if self.check_num_classes and z.shape[1] != self.num_classes:
+        if self.check_num_classes and z.shape[1] != self.num_classes_:
             raise ValueError(
-                f"{self.name}.transform: fitted on K={self.num_classes} classes, got logits with {z.shape[1]} columns"
+                f"{self.name}.transform: fitted on K={self.num_classes_} classes, got logits with {z.shape[1]} columns"
             )
         return _like(self._transform(z), logits)
 
@@ -84,15 +85,34 @@ class Calibrator:
         """Calibrated probabilities (numpy float64)."""
         return softmax(_to_numpy(self.transform(logits)), axis=1)
 
-    def get_params(self) -> dict[str, Any]:
-        """Constructor parameters."""
-        return {k: getattr(self, k) for k in inspect.signature(type(self).__init__).parameters if k != "self"}
+    # scikit-learn's estimator protocol: ``sklearn.base.clone``, ``set_params`` and ``check_is_fitted`` work
+    # on every calibrator (constructor arguments are stored unchanged; learned attributes end in "_").
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        return [k for k in inspect.signature(cls.__init__).parameters if k not in ("self", "args", "kwargs")]
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor parameters (``deep`` is accepted for scikit-learn; calibrators hold no estimators)."""
+        return {k: getattr(self, k) for k in self._param_names()}
+
+    def set_params(self, **params: Any) -> "Calibrator":
+        """Change constructor parameters (validated by re-running the constructor); fitted state is dropped."""
+        valid = self._param_names()
+        unknown = sorted(set(params) - set(valid))
+        if unknown:
+            raise ValueError(f"calibrator '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
+                             f"valid parameters: {', '.join(valid) or 'none'}")
+        type(self).__init__(self, **{**self.get_params(), **params})
+        return self
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return self.num_classes_ is not None
 
     def fitted_params(self) -> dict[str, Any]:
         """What was learned, JSON-serialisable (enough to restore the calibrator)."""
-        if self.num_classes is None:
+        if self.num_classes_ is None:
             raise ValueError(f"{self.name}: not fitted yet")
-        return {"num_classes": self.num_classes, "n_fit": self.n_fit, **self._fitted()}
+        return {"num_classes": self.num_classes_, "n_fit": self.n_fit_, **self._fitted()}
 
     def to_dict(self) -> dict[str, Any]:
         """Name, constructor parameters and what was learned: :func:`calibrator_from_dict` restores it."""
@@ -110,7 +130,7 @@ class Calibrator:
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        state = "fitted" if self.num_classes is not None else "not fitted"
+        state = "fitted" if self.num_classes_ is not None else "not fitted"
         return f"{type(self).__name__}({args}) [{state}]"
 
     # -------------------------------------------------------------- subclass hooks
@@ -163,7 +183,7 @@ def get_calibrator(name: str, **params: Any) -> Calibrator:
     if key not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {name!r}; valid names: {', '.join(CALIBRATORS)}")
     cls = CALIBRATORS[key]
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    valid = cls._param_names()
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ValueError(
@@ -184,7 +204,7 @@ def calibrator_from_dict(data: dict, where: str = "calibrator") -> Calibrator:
     try:
         cal = get_calibrator(data["calibrator"], **data.get("params", {}))
         fitted = data["fitted"]
-        cal.num_classes, cal.n_fit = int(fitted["num_classes"]), int(fitted.get("n_fit", 0))
+        cal.num_classes_, cal.n_fit_ = int(fitted["num_classes"]), int(fitted.get("n_fit", 0))
         cal._restore(fitted)
     except (KeyError, TypeError) as err:
         raise ValueError(f"{path} is not a saved calibrator file (missing or malformed {err})") from None

@@ -45,8 +45,8 @@ class HistogramBinning(Calibrator):
         if mode not in ("top-label", "one-vs-rest"):
             raise ValueError(f"{self.name}: mode={mode!r} is invalid; valid choices: 'top-label', 'one-vs-rest'")
         self.n_bins, self.mode = n_bins, mode
-        self.values: list[list[float | None]] | None = None  # per column (1 for top-label, K for one-vs-rest)
-        self.counts: list[list[int]] | None = None
+        self.values_: list[list[float | None]] | None = None  # per column (1 for top-label, K for one-vs-rest)
+        self.counts_: list[list[int]] | None = None
 
     def _min_samples(self, k: int) -> int:
         return max(self.min_samples, self.n_bins)
@@ -63,7 +63,7 @@ class HistogramBinning(Calibrator):
         return values, counts.tolist()
 
     def _apply_column(self, p: np.ndarray, column: int) -> np.ndarray:
-        table = np.array([np.nan if v is None else v for v in self.values[column]])
+        table = np.array([np.nan if v is None else v for v in self.values_[column]])
         mapped = table[self._bin(p)]
         return np.where(np.isnan(mapped), p, mapped)
 
@@ -73,8 +73,8 @@ class HistogramBinning(Calibrator):
             fitted = [self._fit_column(probs.max(1), probs.argmax(1) == labels)]
         else:
             fitted = [self._fit_column(probs[:, k], labels == k) for k in range(probs.shape[1])]
-        self.values = [v for v, _ in fitted]
-        self.counts = [c for _, c in fitted]
+        self.values_ = [v for v, _ in fitted]
+        self.counts_ = [c for _, c in fitted]
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
         probs = softmax(logits, axis=1)
@@ -95,10 +95,10 @@ class HistogramBinning(Calibrator):
         return _log_of(cal)
 
     def _fitted(self) -> dict[str, Any]:
-        return {"edges": np.linspace(0.0, 1.0, self.n_bins + 1).tolist(), "values": self.values, "counts": self.counts}
+        return {"edges": np.linspace(0.0, 1.0, self.n_bins + 1).tolist(), "values": self.values_, "counts": self.counts_}
 
     def _restore(self, fitted: dict[str, Any]) -> None:
-        self.values, self.counts = fitted["values"], fitted["counts"]
+        self.values_, self.counts_ = fitted["values"], fitted["counts"]
 
 
 @register_calibrator
@@ -113,26 +113,26 @@ class IsotonicCalibration(Calibrator):
 
     def __init__(self) -> None:
         super().__init__()
-        self.thresholds: list[dict[str, list[float]]] | None = None
+        self.thresholds_: list[dict[str, list[float]]] | None = None
 
     def _fit(self, logits: np.ndarray, labels: np.ndarray) -> None:
         from sklearn.isotonic import IsotonicRegression
 
         probs = softmax(logits, axis=1)
-        self.thresholds = []
+        self.thresholds_ = []
         for k in range(probs.shape[1]):
             iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(probs[:, k], labels == k)
-            self.thresholds.append({"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()})
+            self.thresholds_.append({"x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()})
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
         probs = softmax(logits, axis=1)
-        cal = np.stack([np.interp(probs[:, k], t["x"], t["y"]) for k, t in enumerate(self.thresholds)], axis=1)
+        cal = np.stack([np.interp(probs[:, k], t["x"], t["y"]) for k, t in enumerate(self.thresholds_)], axis=1)
         return _log_of(_renormalise(cal, probs))
 
     def _fitted(self) -> dict[str, Any]:
-        return {"thresholds": self.thresholds}
+        return {"thresholds": self.thresholds_}
 
     def _restore(self, fitted: dict[str, Any]) -> None:
-        self.thresholds = fitted["thresholds"]
+        self.thresholds_ = fitted["thresholds"]
 
 

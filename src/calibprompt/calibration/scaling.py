@@ -30,8 +30,8 @@ class TemperatureScaling(Calibrator):
         if not (0 < t_min < 1 < t_max):
             raise ValueError(f"{self.name}: need 0 < t_min < 1 < t_max, got t_min={t_min}, t_max={t_max}")
         self.t_min, self.t_max = float(t_min), float(t_max)
-        self.temperature: float | None = None
-        self.nll_before = self.nll_after = math.nan
+        self.temperature_: float | None = None
+        self.nll_before_ = self.nll_after_ = math.nan
 
     def _fit(self, logits: np.ndarray, labels: np.ndarray) -> None:
         lo, hi = math.log(self.t_min), math.log(self.t_max)
@@ -40,11 +40,11 @@ class TemperatureScaling(Calibrator):
             options={"xatol": 1e-9},
         )
         log_t = float(res.x)
-        self.nll_before = _nll(logits, labels)
-        self.nll_after = _nll(logits / math.exp(log_t), labels)
-        if self.nll_after > self.nll_before:  # never worse than doing nothing
-            log_t, self.nll_after = 0.0, self.nll_before
-        self.temperature = math.exp(log_t)
+        self.nll_before_ = _nll(logits, labels)
+        self.nll_after_ = _nll(logits / math.exp(log_t), labels)
+        if self.nll_after_ > self.nll_before_:  # never worse than doing nothing
+            log_t, self.nll_after_ = 0.0, self.nll_before_
+        self.temperature_ = math.exp(log_t)
         self.at_bound_ = ""
         if min(log_t - lo, hi - log_t) < 1e-3:
             accuracy = float(np.mean(logits.argmax(axis=1) == labels))
@@ -55,21 +55,21 @@ class TemperatureScaling(Calibrator):
             else:
                 cause = (f"the {len(labels)} validation samples are predicted at {accuracy:.0%} accuracy, so NLL "
                          "keeps falling as probabilities sharpen (too few or too easy validation samples)")
-            self.at_bound_ = (f"temperature {self.temperature:.4g} at the search bound [{self.t_min:g}, "
+            self.at_bound_ = (f"temperature {self.temperature_:.4g} at the search bound [{self.t_min:g}, "
                               f"{self.t_max:g}]: {cause}")
             warnings.warn(f"{self.name}: {self.at_bound_}", stacklevel=3)
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
-        return logits / self.temperature
+        return logits / self.temperature_
 
     def _fitted(self) -> dict[str, Any]:
-        return {"temperature": self.temperature, "nll_before": self.nll_before, "nll_after": self.nll_after,
+        return {"temperature": self.temperature_, "nll_before": self.nll_before_, "nll_after": self.nll_after_,
                 "at_bound": getattr(self, "at_bound_", "")}
 
     def _restore(self, fitted: dict[str, Any]) -> None:
-        self.temperature = float(fitted["temperature"])
-        self.nll_before = float(fitted.get("nll_before", math.nan))
-        self.nll_after = float(fitted.get("nll_after", math.nan))
+        self.temperature_ = float(fitted["temperature"])
+        self.nll_before_ = float(fitted.get("nll_before", math.nan))
+        self.nll_after_ = float(fitted.get("nll_after", math.nan))
 
 
 @register_calibrator
@@ -86,19 +86,19 @@ class ZeroShotTemperature(TemperatureScaling):
 
     def __init__(self, t_min: float = 1e-3, t_max: float = 1e3) -> None:
         super().__init__(t_min, t_max)
-        self.source: str | None = None
+        self.source_: str | None = None
 
     def fit(self, val_logits: Any, val_labels: Any, *, source: str | None = None) -> "ZeroShotTemperature":
         super().fit(val_logits, val_labels)
-        self.source = source
+        self.source_ = source
         return self
 
     def _fitted(self) -> dict[str, Any]:
-        return {**super()._fitted(), "source": self.source}
+        return {**super()._fitted(), "source": self.source_}
 
     def _restore(self, fitted: dict[str, Any]) -> None:
         super()._restore(fitted)
-        self.source = fitted.get("source")
+        self.source_ = fitted.get("source")
 
 
 # --------------------------------------------------------------------------- vector scaling
@@ -117,8 +117,8 @@ class VectorScaling(Calibrator):
         if reg < 0:
             raise ValueError(f"{self.name}: reg must be >= 0, got {reg}")
         self.reg, self.max_iter = float(reg), int(max_iter)
-        self.w: np.ndarray | None = None
-        self.b: np.ndarray | None = None
+        self.w_: np.ndarray | None = None
+        self.b_: np.ndarray | None = None
 
     def _min_samples(self, k: int) -> int:
         return max(self.min_samples, 2 * k)  # 2K parameters
@@ -139,15 +139,15 @@ class VectorScaling(Calibrator):
         theta0 = np.concatenate([np.ones(k), np.zeros(k)])
         res = minimize(objective, theta0, jac=True, method="L-BFGS-B", options={"maxiter": self.max_iter})
         theta = res.x if objective(res.x)[0] <= objective(theta0)[0] else theta0
-        self.w, self.b = theta[:k].copy(), theta[k:].copy()
+        self.w_, self.b_ = theta[:k].copy(), theta[k:].copy()
 
     def _transform(self, logits: np.ndarray) -> np.ndarray:
-        return logits * self.w + self.b
+        return logits * self.w_ + self.b_
 
     def _fitted(self) -> dict[str, Any]:
-        return {"w": self.w.tolist(), "b": self.b.tolist()}
+        return {"w": self.w_.tolist(), "b": self.b_.tolist()}
 
     def _restore(self, fitted: dict[str, Any]) -> None:
-        self.w, self.b = np.asarray(fitted["w"], float), np.asarray(fitted["b"], float)
+        self.w_, self.b_ = np.asarray(fitted["w"], float), np.asarray(fitted["b"], float)
 
 

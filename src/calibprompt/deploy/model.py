@@ -121,8 +121,8 @@ def load_model(path: str | Path) -> DeployedModel:
     if conformal is not None and conformal.by_class and len(conformal.class_thresholds_) != len(names):
         raise ModelFileError(f"{path}: {len(conformal.class_thresholds_)} class-conditional conformal thresholds for "
                              f"{len(names)} classes")
-    if calibrator is not None and calibrator.num_classes != len(names):
-        raise ModelFileError(f"{path}: the calibrator was fitted for {calibrator.num_classes} classes, the head has "
+    if calibrator is not None and calibrator.num_classes_ != len(names):
+        raise ModelFileError(f"{path}: the calibrator was fitted for {calibrator.num_classes_} classes, the head has "
                              f"{len(names)}")
     return DeployedModel(head=head.eval(), classnames=names, template=metadata["template"],
                          backbone=fields["backbone"], backbone_fingerprint=metadata["backbone_fingerprint"],

@@ -111,6 +111,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     test_logits = pipeline.logits(head, test_feats, calibrator, int(resolved["eval"]["batch_size"]))
     test_labels = np.array([s.label for s in test_s])
     metrics, metrics_ref = _evaluate(test_logits, test_labels, out_dir, resolved)
+    intervals = _intervals(test_logits, test_labels, resolved, seed)
     conformal, selective = pipeline.fit_decisions(resolved, head, calibrator, val_feats, val_s, dataset,
                                                   int(resolved["eval"]["batch_size"]))
     test_probs = torch.softmax(test_logits.double(), dim=1).numpy()
@@ -136,6 +137,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
         "seed": seed,
         "metrics": metrics,
         "metrics_reference": metrics_ref,
+        "intervals": intervals,
         "posthoc": posthoc_info,
         "conformal": decisions.get("conformal"),
         "selective": decisions.get("selective"),
@@ -190,6 +192,19 @@ def _decision_metrics(probs: np.ndarray, labels: np.ndarray, conformal, selectiv
         metrics.update(selective_outcome(probs, labels, abstain))
         out["selective"] = selective.state()
     return out
+
+
+def _intervals(logits: torch.Tensor, labels: np.ndarray, resolved: dict, seed: int) -> dict | None:
+    """95% percentile-bootstrap intervals of the test ECE and accuracy (``eval.bootstrap`` resamples of the
+    test images, generator seeded by the run's seed); None when ``eval.bootstrap`` is 0."""
+    from calibprompt.metrics import bootstrap_ci
+
+    n = int(resolved["eval"].get("bootstrap", 0))
+    if n < 1 or len(labels) < 2:
+        return None
+    ci = bootstrap_ci(["ece", "accuracy"], logits.double().numpy(), labels, n_resamples=n, seed=seed,
+                      n_bins=int(resolved["eval"]["n_bins"]))
+    return {"level": 0.95, "method": "percentile", "n_resamples": n, **{k: list(v) for k, v in ci.items()}}
 
 
 def _evaluate(logits: torch.Tensor, labels: np.ndarray, out_dir: Path, resolved: dict) -> tuple[dict, dict]:

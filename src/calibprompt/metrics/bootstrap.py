@@ -1,10 +1,15 @@
-"""Percentile bootstrap confidence intervals over test samples.
+"""Bootstrap confidence intervals over test samples, resampled by ``scipy.stats.bootstrap``.
 
-Resample b = 1..B draws N row indices with replacement from ``np.random.default_rng(seed)``
-(one ``integers(0, N, N)`` call per resample, in order), recomputes the metric on those rows, and
-reports the (1 − level)/2 and (1 + level)/2 percentiles (NumPy's linear interpolation) of the B
-values. Same seed and inputs give the same intervals. NaN values of a resample (e.g. mean_pred_ece
-when a class is never predicted) are left out of the percentiles; all-NaN gives (nan, nan).
+The N test rows are the one sample: scipy draws B resamples of N row indices with replacement from
+``np.random.default_rng(seed)``, the metrics are recomputed on those rows, and the interval is
+
+* ``method="percentile"`` (default): the (1 − level)/2 and (1 + level)/2 percentiles (NumPy's linear
+  interpolation) of the B values, NaN values of a resample (e.g. mean_pred_ece when a class is never
+  predicted) left out; all-NaN gives (nan, nan);
+* ``method="BCa"`` or ``"basic"``: scipy's bias-corrected and accelerated (jackknife over the N rows) or
+  basic interval, NaN when a resample's value is NaN.
+
+Same seed and inputs give the same intervals.
 """
 
 from __future__ import annotations
@@ -51,8 +56,10 @@ def bootstrap_ci(
     n_bins: int = 10,
     convention: str = "standard",
     closed: Closed = "left",
+    method: str = "percentile",
 ) -> dict[str, tuple[float, float]]:
-    """Percentile-bootstrap CIs {metric: (low, high)} over the N test samples.
+    """Bootstrap CIs {metric: (low, high)} over the N test samples (``method``: "percentile", "BCa" or
+    "basic", as in ``scipy.stats.bootstrap``).
 
     metrics: None for every metric of ``calibration_metrics(..., convention)`` (ECE-KDE under
     "reference" costs O(N²) per resample), a name or list of names, or a function
@@ -65,7 +72,7 @@ def bootstrap_ci(
     if not 0.0 < float(level) < 1.0:
         raise ValueError(f"level must lie strictly between 0 and 1, got {level!r} (e.g. 0.95)")
     n_bins, convention, closed = check_options(n_bins, convention, closed)
-    rng = np.random.default_rng(seed)
+    check_choice(method, METHODS, "method")
 
     if callable(metrics):
         x = check_scores(logits, "logits" if inputs == "logits" else "probs")
@@ -88,8 +95,39 @@ def bootstrap_ci(
             return compute(TopLabel.of(probs[idx], y[idx]), names, n_bins, convention, closed)
 
     n = int(y.shape[0])
-    samples: dict[str, list[float]] = {}
-    for _ in range(int(n_resamples)):
-        for name, value in one(rng.integers(0, n, n)).items():
-            samples.setdefault(name, []).append(float(value))
-    return {name: _interval(vals, float(level)) for name, vals in samples.items()}
+    rows = np.arange(n)
+    names = list(one(rows))  # the metric names, in a fixed order
+
+    def statistic(idx: np.ndarray) -> np.ndarray:
+        values = one(np.asarray(idx, dtype=np.int64))
+        return np.array([float(values[name]) for name in names], dtype=np.float64)
+
+    res = scipy_bootstrap((rows,), statistic, n_resamples=int(n_resamples), confidence_level=float(level),
+                          method=method, seed=seed)
+    if method == "percentile":
+        dist = np.atleast_2d(res.bootstrap_distribution)
+        return {name: _interval(list(dist[i]), float(level)) for i, name in enumerate(names)}
+    low, high = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
+    return {name: (float(low[i]), float(high[i])) for i, name in enumerate(names)}
+
+
+METHODS = ("percentile", "BCa", "basic")
+
+
+def scipy_bootstrap(data: tuple, statistic: Callable, *, n_resamples: int, confidence_level: float, method: str,
+                    seed: int, vectorized: bool = False):
+    """``scipy.stats.bootstrap`` (the statistic called once per resample unless ``vectorized``), with the
+    generator passed under the keyword this scipy knows (``rng`` from 1.15, ``random_state`` before)."""
+    import inspect
+    import warnings
+
+    from scipy import stats
+
+    key = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a NaN resample; handled by the caller
+        if hasattr(stats, "DegenerateDataWarning"):
+            warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        return stats.bootstrap(data, statistic, n_resamples=n_resamples, vectorized=vectorized,
+                               confidence_level=confidence_level, method=method,
+                               **{key: np.random.default_rng(seed)})

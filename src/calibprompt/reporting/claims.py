@@ -42,12 +42,15 @@ class Claim:
 
 
 def bootstrap_interval(d: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``d`` (NaN for fewer than 2 values)."""
+    """Percentile bootstrap interval of the mean of ``d`` (``scipy.stats.bootstrap``; NaN for fewer than
+    2 values)."""
     if len(d) < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), size=(BOOTSTRAP, len(d)))].mean(axis=1)
-    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, 1 - (1 - level) / 2))
+    from calibprompt.metrics.bootstrap import scipy_bootstrap
+
+    res = scipy_bootstrap((np.asarray(d, dtype=np.float64),), np.mean, n_resamples=BOOTSTRAP, confidence_level=level,
+                          method="percentile", seed=seed, vectorized=True)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def _per_seed(g: Group, metric: str) -> dict[int, float]:

@@ -29,6 +29,7 @@ class Group:
     n_bins: int = 10
     failed: int = 0
     flags: list[str] = field(default_factory=list)  # "seed N: message" of runs that look meaningless
+    intervals: list[dict] = field(default_factory=list)  # per run: seed and test-bootstrap intervals
 
     @property
     def row(self) -> str:
@@ -97,7 +98,10 @@ def collect(out_dir: str | Path, store_url: str | None = None, convention: str =
                 group.values.setdefault(name, []).append(float(value))
         local = out_dir / "runs" / plan["run_id"]
         group.run_dirs.append(local if local.is_dir() else Path(row.get("run_dir") or local))
-        group.flags += [f"seed {plan['seed']}: {f['message']}" for f in _run_flags(group.run_dirs[-1])]
+        record = _run_record(group.run_dirs[-1])
+        group.flags += [f"seed {plan['seed']}: {f['message']}" for f in record.get("flags") or []]
+        if record.get("intervals"):
+            group.intervals.append({"seed": plan["seed"], **record["intervals"]})
         group.n_bins = int(((row.get("config") or {}).get("eval") or {}).get("n_bins", 10))
     return Collection(sweep, list(groups.values()), failed, counts, convention)
 
@@ -145,11 +149,11 @@ def read_predictions(path: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
     return probs, np.array([r[0] for r in rows])
 
 
-def _run_flags(run_dir: Path) -> list[dict]:
-    """The sanity flags a run recorded in its metrics.json (none when the file is not here)."""
+def _run_record(run_dir: Path) -> dict:
+    """A run's metrics.json (flags, bootstrap intervals); empty when the file is not here."""
     import json
 
     try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("flags") or []
+        return json.loads((run_dir / "metrics.json").read_text())
     except (OSError, ValueError):
-        return []
+        return {}

@@ -28,6 +28,8 @@ from calibprompt.reporting.collect import Collection, Group, read_predictions, c
 from calibprompt.reporting.tables import (
     DEFAULT_METRICS,
     Table,
+    interval_csv,
+    interval_rows,
     _caption,
     _header,
     build_tables,
@@ -250,6 +252,19 @@ def html_report(tables: list[Table], collection: Collection, figures: dict[str, 
                 current = (shots, b, d)
                 parts.append(f"<h3>{e(b)} · {e(d)} · {shots} shots</h3>")
             parts.append(f"<div class='fig'><img src='{src(rel)}' alt='{e(label)}'><br><small>{e(label)}</small></div>")
+    intervals = interval_rows(collection)
+    if intervals:
+        parts.append("<h2>Test-set uncertainty of each run</h2><p>ECE and accuracy of every run with the 95% "
+                     "percentile-bootstrap interval over its test images (intervals.csv). A table cell's spread "
+                     "over seeds (±) is the variation from the shots; these intervals are the variation from "
+                     "the finite test set.</p><table><thead><tr><th>run</th><th>seed</th><th>ECE (%)</th>"
+                     "<th>accuracy (%)</th></tr></thead><tbody>")
+        for shots, b, d, method, variant, seed, ece, e_lo, e_hi, acc, a_lo, a_hi, _n in intervals:
+            row = f"{method} [{variant}]" if variant else method
+            parts.append(f"<tr><td>{e(row)} · {e(b)} · {e(d)} · {shots} shots</td><td>{seed}</td>"
+                         f"<td>{100 * ece:.2f} [{100 * e_lo:.2f}, {100 * e_hi:.2f}]</td>"
+                         f"<td>{100 * acc:.2f} [{100 * a_lo:.2f}, {100 * a_hi:.2f}]</td></tr>")
+        parts.append("</tbody></table>")
     flagged = [g for g in collection.groups if g.flags]
     if flagged:
         parts.append("<h2>‡ Flagged runs</h2><ul>")
@@ -285,6 +300,9 @@ def write_report(out_dir: str | Path, *, store_url: str | None = None, metrics: 
     atomic_write_text(paths["md"], markdown(tables, collection) + "\n")
     atomic_write_text(paths["tex"], latex(tables, collection))
     atomic_write_text(paths["csv"], csv_text(tables, collection))
+    if interval_rows(collection):
+        paths["intervals"] = target / "intervals.csv"
+        atomic_write_text(paths["intervals"], interval_csv(collection))
     figures: dict[str, list] = {"ece_accuracy": [], "reliability": [], "risk_coverage": [], "ablation": []}
     axis = ablation_axis(collection)
     rows = ablation_rows(collection, axis) if axis else []

@@ -216,6 +216,31 @@ def csv_text(tables: list[Table], collection: Collection) -> str:
     return buf.getvalue()
 
 
+INTERVAL_COLUMNS = ("shots", "backbone", "dataset", "method", "variant", "seed", "ece", "ece_low", "ece_high",
+                    "accuracy", "accuracy_low", "accuracy_high", "n_resamples")
+
+
+def interval_rows(collection: Collection) -> list[list]:
+    """One row per finished run that recorded them: its test ECE and accuracy with their 95% bootstrap
+    interval over the test images (fractions)."""
+    rows = []
+    for g in collection.groups:
+        by_seed = dict(zip(g.seeds, zip(g.values.get("ece", []), g.values.get("accuracy", []))))
+        for ci in g.intervals:
+            ece, acc = by_seed.get(ci["seed"], (float("nan"), float("nan")))
+            rows.append([g.shots, g.backbone, g.dataset, g.method, g.variant, ci["seed"], ece, *ci["ece"],
+                         acc, *ci["accuracy"], ci["n_resamples"]])
+    return rows
+
+
+def interval_csv(collection: Collection) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(INTERVAL_COLUMNS)
+    writer.writerows([[repr(v) if isinstance(v, float) else v for v in row] for row in interval_rows(collection)])
+    return buf.getvalue()
+
+
 # ------------------------------------------------------------------------------------------- figures
 
 
