@@ -53,10 +53,10 @@ def local_sweep(setup):
 
     start = time.perf_counter()
     with contextlib.redirect_stdout(buf):
-        code = main(["sweep", str(setup["grid"]), "--out", str(out), "--quiet",
+        code = main(["sweep", str(setup["grid"]), "--out", str(out), "--quiet", "--json",
                      "--cache-dir", str(setup["root"] / "cache-local")])
     TIMES["local"] = time.perf_counter() - start
-    return {"out": out, "code": code, "summary": json.loads(buf.getvalue().strip().splitlines()[-1])}
+    return {"out": out, "code": code, "summary": json.loads(buf.getvalue())}
 
 
 def _rows(out: Path) -> dict[str, dict]:

@@ -89,8 +89,8 @@ def test_sweep_and_report_treat_feature_methods_like_any_other(setup, tmp_path):
     out = tmp_path / "sweep"
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        assert main(["sweep", str(grid), "--out", str(out), "--quiet"]) == 0
-    summary = json.loads(buf.getvalue().strip().splitlines()[-1])
+        assert main(["sweep", str(grid), "--out", str(out), "--quiet", "--json"]) == 0
+    summary = json.loads(buf.getvalue())
     assert summary["done"] == 1 + len(FEATURE_METHODS) and summary["failed"] == 0
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):

@@ -115,8 +115,8 @@ def test_printed_metrics_name_their_convention(official_folder, tmp_path, capsys
     cfg.write_text(yaml.safe_dump({"backbone": {"path": str(tiny_model_dir(tmp_path / "m", "clip"))},
                                    "data": {"source": "folder", "path": str(official_folder)},
                                    "method": {"name": "zeroshot"}, "shots": 2}))
-    assert main(["eval", str(cfg), "--out", str(tmp_path / "a"), "--quiet"]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["convention"] == "standard"
+    assert main(["eval", str(cfg), "--out", str(tmp_path / "a"), "--quiet", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["convention"] == "standard"
     assert main(["eval", str(cfg), "--out", str(tmp_path / "b"), "--set", "backbone.parity=reference"]) == 0
     out = capsys.readouterr().out
     recorded = json.loads((tmp_path / "b" / "metrics.json").read_text())["metrics_reference"]

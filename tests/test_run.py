@@ -48,8 +48,17 @@ def _config(tmp_path, model_dir, images, method="calibprompt", **extra):
 def test_train_cli_writes_all_outputs(tmp_path, model_dir, images, capsys):
     cfg = _config(tmp_path, model_dir, images)
     out = tmp_path / "run"
-    assert main(["train", str(cfg), "--out", str(out), "--quiet", "--set", "method.alpha=0.05"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["train", str(cfg), "--out", str(out), "--json", "-v", "--set", "method.alpha=0.05"]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out)  # --json: stdout is one JSON document, nothing else
+    assert summary["intervals"]["ece"][0] <= summary["ece"] <= summary["intervals"]["ece"][1] + 1e-12
+    assert "calibprompt: debug: run " in printed.err  # -v shows debug detail on stderr
+    log = (out / "log.txt").read_text()  # every run folder keeps its log
+    assert " DEBUG calibprompt: run " in log and " INFO calibprompt: encoding " in log
+    assert main(["train", str(cfg), "--out", str(out), "-qq", "--set", "method.alpha=0.05"]) == 0
+    printed = capsys.readouterr()
+    assert printed.err == "" and printed.out.startswith("run ")  # reused; -qq: nothing on stderr
+    assert "reusing finished run" in (out / "log.txt").read_text()
     for name in ("metrics.json", "prompt.safetensors", "reliability.png", "predictions.csv", "split.json",
                  "config.yaml"):
         assert (out / name).is_file(), name

@@ -32,6 +32,9 @@ _API: dict[str, str] = {
     "calibration_metrics": "calibprompt.metrics",
     "load_backbone": "calibprompt.backbones",
     "list_backbones": "calibprompt.backbones",
+    "register_backbone": "calibprompt.backbones",
+    "register_loss": "calibprompt.losses",
+    "load_plugins": "calibprompt.plugins",
     "open_dataset": "calibprompt.data",
     "make_split": "calibprompt.data",
     "FeatureCache": "calibprompt.features",
@@ -41,14 +44,15 @@ _API: dict[str, str] = {
 __all__ = ["__version__", *sorted(_API)]
 
 if TYPE_CHECKING:  # for editors and type checkers; at run time names load on first use
-    from calibprompt.backbones import list_backbones, load_backbone
+    from calibprompt.backbones import list_backbones, load_backbone, register_backbone
     from calibprompt.calibration import get_calibrator, register_calibrator
     from calibprompt.config import load_config, resolve
     from calibprompt.data import make_split, open_dataset
     from calibprompt.deploy import CalibPromptClassifier, load_model
     from calibprompt.engine.run import run
     from calibprompt.features import FeatureCache
-    from calibprompt.losses import build_objective, get_loss, list_losses
+    from calibprompt.losses import build_objective, get_loss, list_losses, register_loss
+    from calibprompt.plugins import load_plugins
     from calibprompt.methods import list_methods, load_head, register_method, resolve_method
     from calibprompt.metrics import calibration_metrics
 

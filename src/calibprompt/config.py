@@ -53,10 +53,12 @@ DEFAULTS: dict[str, Any] = {
     # conformal prediction sets at level alpha (null: off), and abstention for a target risk (null: off)
     "conformal": {"alpha": None, "score": "aps", "lambda": 0.001, "k_reg": 1, "randomized": True, "by_class": False},
     "selective": {"target_risk": None},
+    # a mirror of finished runs in TensorBoard (event files in the run folder) and MLflow (a tracking URI)
+    "tracking": {"tensorboard": False, "mlflow": None, "experiment": None},
 }
 OFF_WHEN_NULL = {"conformal": "alpha", "selective": "target_risk"}  # left out of the run identity while off
 OPEN_SECTIONS = ("backbone", "data", "method")
-NOT_HASHED = ("device", "cache_dir", "name", "encode", "eval.bootstrap")  # none of them changes a result
+NOT_HASHED = ("device", "cache_dir", "name", "encode", "eval.bootstrap", "tracking")  # none of them changes a result
 
 
 class _Loader(yaml.SafeLoader):
@@ -161,6 +163,8 @@ SCHEMA: dict[str, tuple] = {
     "conformal.by_class": ("bool", None, None),
     "selective.target_risk": ("float", 0, 0.99),
     "device": ("str", None, None), "name": ("str", None, None),
+    "tracking.tensorboard": ("bool", None, None), "tracking.mlflow": ("str", None, None),
+    "tracking.experiment": ("str", None, None),
 }
 _KINDS = {"int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
           "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
@@ -176,6 +180,13 @@ def _lookup(tree: dict, dotted: str) -> Any:
 def check_types(cfg: dict) -> None:
     """Every closed-section value has its type and range, else one ConfigError naming each bad key.
     Integers are integers: ``shots: 2.5`` or ``epochs: ten`` are errors, never silently truncated."""
+    problems = type_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
+
+
+def type_problems(cfg: dict) -> list[str]:
+    """One line per closed-section key whose value has the wrong type or range ("key: why")."""
     problems = []
     for dotted, (kind, low, high) in SCHEMA.items():
         value = _lookup(cfg, dotted)
@@ -197,8 +208,84 @@ def check_types(cfg: dict) -> None:
     workers = _lookup(cfg, "encode.workers")
     if workers != "auto" and not (_KINDS["int"][1](workers) and workers >= 0):
         problems.append(f"encode.workers: {workers!r} is not a whole number >= 0 or 'auto'")
-    if problems:
-        raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
+    return problems
+
+
+def validate_file(path: str | Path) -> list[str]:
+    """Every problem of a run config file, one line each naming the key (empty: valid). Reads no data
+    and loads no model: types and ranges of every key first, then what resolution checks (method,
+    losses, backbone and data keys)."""
+    try:
+        cfg = load_config(path)
+    except ConfigError as err:
+        return [str(err)]
+    from calibprompt.backbones.registry import check_backbone_config
+    from calibprompt.data import check_data_config
+
+    problems = type_problems(cfg)
+    for check, section in ((check_backbone_config, "backbone"), (check_data_config, "data")):
+        try:
+            check(cfg[section])
+        except ValueError as err:
+            problems.append(str(err) if str(err).startswith(section) else f"{section}: {err}")
+    if not problems:
+        try:
+            resolve(cfg)
+        except ValueError as err:  # ConfigError, and the data and backbone checks' own errors
+            problems.append(str(err))
+    return problems
+
+
+def json_schema() -> dict:
+    """A JSON Schema (draft 2020-12) of a run config, for editors and other tools."""
+    from calibprompt.backbones.registry import _CHOICES, BACKBONE_KEYS, STRING_KEYS
+    from calibprompt.data.sources import DATA_CONFIG_KEYS
+    from calibprompt.methods import list_methods
+
+    types = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}
+
+    def field(dotted: str, kind, low, high) -> dict:
+        node: dict = {"enum": list(kind)} if isinstance(kind, tuple) else {"type": types[kind]}
+        if isinstance(low, str):
+            node["exclusiveMinimum"] = float(low[1:])
+        elif low is not None:
+            node["minimum"] = low
+        if high is not None:
+            node["maximum"] = high
+        default = _lookup(DEFAULTS, dotted)
+        if default is None:
+            node = {"anyOf": [node, {"type": "null"}]}
+        node["default"] = default
+        return node
+
+    def section(**properties) -> dict:
+        return {"type": "object", "additionalProperties": False, "properties": properties}
+
+    root = section()
+    for dotted, (kind, low, high) in SCHEMA.items():
+        node, parts = root, dotted.split(".")
+        for part in parts[:-1]:
+            node = node["properties"].setdefault(part, section())
+        node["properties"][parts[-1]] = field(dotted, kind, low, high)
+    root["properties"]["encode"]["properties"]["workers"] = {
+        "anyOf": [{"type": "integer", "minimum": 0}, {"const": "auto"}], "default": "auto"}
+    root["properties"]["backbone"] = section(**{
+        key: {"description": text, **({"enum": list(_CHOICES[key])} if key in _CHOICES else {}),
+              **({"type": "string"} if key in STRING_KEYS else {})}
+        for key, text in BACKBONE_KEYS.items()})
+    data_keys = sorted({k for keys in DATA_CONFIG_KEYS.values() for k in keys})
+    root["properties"]["data"] = {**section(**{k: {} for k in data_keys}), "required": ["source"]}
+    root["properties"]["data"]["properties"]["source"] = {"enum": list(DATA_CONFIG_KEYS)}
+    from calibprompt.methods import posthoc_suffixes
+
+    names = "|".join(re.escape(m["name"]) for m in list_methods()) + "|custom"
+    name = {"type": "string", "pattern": f"^({names})(\\+({'|'.join(map(re.escape, posthoc_suffixes()))}))?$"}
+    root["properties"]["method"] = {"anyOf": [
+        name, {"type": "object", "properties": {"name": name}, "required": ["name"]}]}
+    for key in ("losses", "posthoc", "split_file", "head_from", "cache_dir"):
+        root["properties"][key] = {}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "calibprompt run config",
+            **root}
 
 
 def resolve(cfg: dict) -> dict:
@@ -263,9 +350,21 @@ def resolve(cfg: dict) -> dict:
         check_backbone_config(out["backbone"])  # so do unknown backbone keys and values
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    check_tracking(out.get("tracking"))
     if out["train"]["warmup_lr"] is None:
         out["train"]["warmup_lr"] = backbone_default(out["backbone"], "warmup_lr", 1e-5)
     return out
+
+
+def check_tracking(tracking: dict | None) -> None:
+    """ConfigError before any work when a tracking target's package is missing (engine/tracking.py)."""
+    import importlib.util
+
+    extra = "pip install 'calibprompt[tracking]'"
+    if (tracking or {}).get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(f"tracking.tensorboard needs the tensorboard package: {extra}")
+    if (tracking or {}).get("mlflow") and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(f"tracking.mlflow needs MLflow: {extra} (or pip install mlflow-skinny)")
 
 
 def backbone_default(backbone_cfg: dict, key: str, fallback: Any) -> Any:

@@ -9,6 +9,12 @@
   user sees ``calibprompt: note: ...`` and not a Python source line.
 * :func:`folder_lock` takes an exclusive lock on an output folder; a second process fails at once with
   a message naming the holder's pid.
+* :func:`folder_log` copies everything the ``calibprompt`` logger says while a run or sweep works
+  (progress lines, notes, debug detail) into ``log.txt`` in its folder.
+
+Library code never prints: progress lines and messages are records of the one ``calibprompt`` logger
+(INFO for progress and status, WARNING for notes, DEBUG for detail). The CLI shows them on stderr at
+the level chosen by ``-v`` / ``-q`` / ``--log-level``; a Python caller configures ``logging`` as usual.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ log = logging.getLogger("calibprompt")
 LINE_SECONDS = 10.0
 ProgressCallback = Callable[[str, int, int], None]
 _callback: ProgressCallback | None = None  # set by the API user or the CLI for the whole process
+console_level = logging.INFO  # what the user sees on stderr (the CLI's -v / -q / --log-level); above INFO: no bars
 
 
 def set_progress_callback(callback: ProgressCallback | None) -> None:
@@ -34,18 +41,17 @@ def set_progress_callback(callback: ProgressCallback | None) -> None:
 
 
 class _Lines:
-    """Plain-line progress for non-terminals: start, every LINE_SECONDS, every 25%, and the end."""
+    """Plain-line progress for non-terminals, as INFO records: start, every LINE_SECONDS, every 25%, the end."""
 
-    def __init__(self, total: int, desc: str, stream=None):
+    def __init__(self, total: int, desc: str):
         self.total, self.desc, self.done = max(int(total), 0), desc, 0
-        self.stream = stream or sys.stderr
         self.last = time.monotonic()
         self.quarter = 0
         self._line()
 
     def _line(self) -> None:
         pct = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
-        print(f"{self.desc}: {self.done}/{self.total}{pct}", file=self.stream, flush=True)
+        log.info("%s: %d/%d%s", self.desc, self.done, self.total, pct)
 
     def update(self, n: int = 1) -> None:
         self.done += n
@@ -60,7 +66,7 @@ class _Lines:
         pass
 
     def write(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
+        log.info(text)
 
     def close(self) -> None:
         self._line()
@@ -91,7 +97,7 @@ def progress(total: int, desc: str, enabled: bool = True, callback: ProgressCall
     callback = callback or _callback
     if callback is not None:
         return _Callback(total, desc, callback)
-    if not enabled:
+    if not enabled or console_level > logging.INFO:
         return None
     if sys.stderr.isatty():
         from tqdm.auto import tqdm
@@ -111,6 +117,39 @@ def note(text: str, key: str | None = None) -> None:
         return
     _seen.add(key)
     log.warning(text)
+
+
+LOG_FILE = "log.txt"
+
+
+@contextlib.contextmanager
+def folder_log(folder: str | os.PathLike, level: int = logging.DEBUG) -> Iterator[Path]:
+    """Append every ``calibprompt`` record at ``level`` or above to ``folder/log.txt`` (time-stamped)
+    while the block runs. The logger is opened to ``level`` for the block; a Python caller without
+    logging handlers still sees notes (WARNING) on stderr, as before."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(folder / LOG_FILE, mode="a", encoding="utf-8")
+    handler.setLevel(level)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    stderr = None
+    if not log.hasHandlers():  # the file would stop logging's last-resort stderr output of notes
+        stderr = logging.StreamHandler()
+        stderr.setLevel(logging.WARNING)
+        stderr.setFormatter(logging.Formatter("calibprompt: note: %(message)s"))
+        log.addHandler(stderr)
+    previous = log.level
+    if log.getEffectiveLevel() > level:
+        log.setLevel(level)
+    log.addHandler(handler)
+    try:
+        yield folder / LOG_FILE
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        if stderr is not None:
+            log.removeHandler(stderr)
+        log.setLevel(previous)
 
 
 class FolderBusy(ValueError):

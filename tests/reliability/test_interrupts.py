@@ -47,9 +47,9 @@ def test_sweep_killed_mid_run_resumes_with_one_row_per_run(tmp_path, model, imag
     finished_before = {p.parent.name for p in out.glob("runs/*/metrics.json")}
     assert 1 <= len(finished_before) < 4, "the kill must land after the first run and before the last"
     mtimes = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("runs/*/metrics.json")}
-    again = cli("sweep", str(grid), "--out", str(out), "--quiet")
+    again = cli("sweep", str(grid), "--out", str(out), "--quiet", "--json")
     assert again.returncode == 0, again.stderr
-    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    summary = json.loads(again.stdout)
     assert summary["done"] == 4 and summary["failed"] == 0
     rows = _rows(out)
     assert len(rows) == 4 and {r["status"] for r in rows} == {"done"}

@@ -2,6 +2,7 @@
 
 from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
 from calibprompt.backbones.factory import load_backbone
-from calibprompt.backbones.registry import BACKBONE_KEYS, list_backbones
+from calibprompt.backbones.registry import BACKBONE_KEYS, BackboneEntry, list_backbones, register_backbone
 
-__all__ = ["Backbone", "BackboneInfo", "WeightsError", "BACKBONE_KEYS", "list_backbones", "load_backbone"]
+__all__ = ["Backbone", "BackboneEntry", "BackboneInfo", "WeightsError", "BACKBONE_KEYS", "list_backbones",
+           "load_backbone", "register_backbone"]

@@ -195,10 +195,28 @@ _CHOICES = {"parity": PARITIES, "precision": PRECISIONS, "medclip_norm": ("medcl
 
 def list_backbones() -> list[dict]:
     """Every registry entry as a JSON-ready dict (``name``, ``family``, ``source``, defaults, ...)."""
+    from calibprompt.plugins import load_plugins
+
+    load_plugins()
     return [entry.as_dict() for entry in BACKBONES.values()]
 
 
+def register_backbone(entry: BackboneEntry) -> BackboneEntry:
+    """Add a named backbone (a :class:`BackboneEntry`: name, family, hub id, defaults) to the registry, so
+    ``backbone: {name: ...}`` and ``calibprompt models`` know it; returns the entry."""
+    if not isinstance(entry, BackboneEntry):
+        raise ValueError(f"register_backbone takes a BackboneEntry, got {type(entry).__name__}")
+    if not entry.name or entry.name in BACKBONES:
+        raise ValueError(f"backbone name {entry.name!r} is empty or taken; taken: {', '.join(BACKBONES)}")
+    BACKBONES[entry.name] = entry
+    return entry
+
+
 def get_entry(name: str) -> BackboneEntry:
+    if name not in BACKBONES:
+        from calibprompt.plugins import load_plugins
+
+        load_plugins()  # a plug-in package may register it
     try:
         return BACKBONES[name]
     except KeyError:
@@ -207,6 +225,9 @@ def get_entry(name: str) -> BackboneEntry:
 
 
 # ---- config validation and switch resolution -----------------------------------------------------
+STRING_KEYS = ("name", "path", "hub_id", "text_dir", "tokenizer_dir")
+
+
 def check_backbone_config(cfg: dict) -> None:
     """Unknown keys, invalid switch values and an unknown model name (with nothing else to load) are
     errors naming the key and the valid choices; called by config resolution before any work."""
@@ -214,6 +235,9 @@ def check_backbone_config(cfg: dict) -> None:
     unknown = sorted(set(cfg) - set(BACKBONE_KEYS))
     if unknown:
         raise ValueError(f"unknown backbone key(s) {unknown}; valid keys: {sorted(BACKBONE_KEYS)}")
+    for key in STRING_KEYS:
+        if key in cfg and not isinstance(cfg[key], str):
+            raise ValueError(f"backbone.{key} = {cfg[key]!r}; expected a string (a name, folder, file or hub id)")
     for key, choices in _CHOICES.items():
         if cfg.get(key) is not None and cfg[key] not in choices:
             raise ValueError(f"backbone.{key} = {cfg[key]!r}; expected one of {', '.join(choices)}")

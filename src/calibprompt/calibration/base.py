@@ -181,6 +181,10 @@ def get_calibrator(name: str, **params: Any) -> Calibrator:
     """A new, unfitted calibrator. Unknown names or parameters raise ValueError naming the valid ones."""
     key = str(name).strip().lower().replace("_", "-")
     if key not in CALIBRATORS:
+        from calibprompt.plugins import load_plugins
+
+        load_plugins()  # a plug-in package may register it
+    if key not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {name!r}; valid names: {', '.join(CALIBRATORS)}")
     cls = CALIBRATORS[key]
     valid = cls._param_names()

@@ -4,7 +4,8 @@
 Exit codes: 0 success; 1 a run-time failure (a disk that is full or read-only, an error inside a
 library); 2 a usage or input error (a bad config key or value, a missing or damaged file, a folder in
 use). Errors are one line on stderr naming the file, key or flag and the fix; ``--debug`` shows the
-traceback instead. Library warnings are shown once each as ``calibprompt: note: ...``."""
+traceback instead. Library warnings are shown once each as ``calibprompt: note: ...``. Every
+sub-command takes ``-q`` / ``-v`` / ``--log-level`` and ``--json`` (``cli/output.py``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import warnings
 from pathlib import Path
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = ["run", "deploy", "models", "data", "experiments", "demo"]
+COMMAND_MODULES = ["run", "deploy", "models", "data", "experiments", "demo", "config"]
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -34,20 +35,53 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"calibprompt.cli.{name}").register(sub)
+    _add_common_flags(sub)
     return parser
 
 
-def _notes_to_stderr() -> None:
-    """Library warnings and notes as one plain line each (once per text), never a Python source line."""
-    from calibprompt.progress import note
+def _add_common_flags(sub) -> None:
+    """-v / -q / --log-level / --json on every (nested) sub-command."""
+    from calibprompt.cli.output import add_common
+
+    for command in set(sub.choices.values()):
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+        if nested:
+            _add_common_flags(nested[0])
+        add_common(command)
+
+
+def _configure_logging(level: int):
+    """The ``calibprompt`` logger on stderr at ``level``: progress and status lines as they are, notes as
+    ``calibprompt: note: ...`` (once per text), debug detail as ``calibprompt: debug: ...``; library
+    warnings become notes, never a Python source line."""
+    import calibprompt.progress as progress
 
     logger = logging.getLogger("calibprompt")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("calibprompt: note: %(message)s"))
-        handler.setLevel(logging.WARNING)
-        logger.addHandler(handler)  # records still propagate: an application's own logging sees them too
-    warnings.showwarning = lambda message, *_args, **_kwargs: note(str(message))
+    before = (logger.level, progress.console_level, warnings.showwarning)
+    handler = _StderrHandler()
+    handler.setFormatter(_Formatter())
+    handler.setLevel(level)
+    logger.addHandler(handler)  # records still propagate: an application's own logging sees them too
+    logger.setLevel(level)
+    progress.console_level = level
+    warnings.showwarning = lambda message, *_args, **_kwargs: progress.note(str(message))
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(before[0])
+        progress.console_level = before[1]
+        warnings.showwarning = before[2]
+
+    return restore
+
+
+class _Formatter(logging.Formatter):
+    PREFIX = {logging.DEBUG: "calibprompt: debug: ", logging.INFO: ""}
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = self.PREFIX.get(record.levelno, "calibprompt: note: " if record.levelno == logging.WARNING
+                                 else "calibprompt: error: ")
+        return prefix + record.getMessage()
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -96,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    _notes_to_stderr()
+    from calibprompt.cli.output import log_level
+
+    restore = _configure_logging(log_level(args))
     try:
         return int(args.func(args) or 0)
     except Exception as err:  # noqa: BLE001 - every error becomes one line (or a traceback with --debug)
@@ -106,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             return code or 1
         print(f"calibprompt: error: {message}", file=sys.stderr)
         return code
+    finally:
+        restore()  # main() may be called again in this process (tests, notebooks) with other flags
 
 
 if __name__ == "__main__":

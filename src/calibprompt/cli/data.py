@@ -72,6 +72,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         report = prepare(args.name, args.source, args.out, recipe=args.recipe, overwrite=args.overwrite)
+    if args.json:
+        from dataclasses import asdict, is_dataclass
+
+        data = asdict(report) if is_dataclass(report) else dict(vars(report))
+        print(json.dumps({**data, "warnings": [str(w.message) for w in caught]}, indent=2, default=str))
+        return 0
     print(f"{report.name}: wrote {report.path} ({report.recipe} recipe)")
     for split, per_class in report.counts.items():
         counts = ", ".join(f"{c} {n}" for c, n in per_class.items())

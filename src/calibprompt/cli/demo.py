@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from calibprompt.cli.output import emit
 
 
 def register(sub) -> None:
@@ -22,7 +22,6 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, help="pretraining seed (default 0)")
     p.add_argument("--retrain", action="store_true", help="pretrain again even if the folder holds a model")
     p.add_argument("--no-download", action="store_true", help="never download MedMNIST files")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser(
@@ -46,7 +45,6 @@ def register(sub) -> None:
     p.add_argument("--ablation", choices=("shots", "ctx"),
                    help="instead of the table: the paper's study of shots (1-16) or context tokens (4-24) for CoOp-CE "
                         "and CalibPrompt (3 seeds unless --seeds); writes ablation.json and a figure")
-    p.add_argument("--quiet", action="store_true", help="no progress output; print only the table")
     p.set_defaults(func=_demo)
 
 
@@ -75,14 +73,13 @@ def _pretrain(args) -> int:
         overrides["seed"] = args.seed
     folder, meta, trained = ensure_model(cfgs, args.out, PretrainSettings(**overrides), progress=not args.quiet,
                                          retrain=args.retrain, log=None if not args.quiet else (lambda m: None))
-    if not trained:
-        print(f"{folder} already holds a micro model pretrained on "
-              f"{[s['name'] for s in meta['sources']]}; pass --retrain to pretrain it again")
     final = (read_meta(folder) or meta)["history"][-1]
-    print(json.dumps({"model": str(folder), "trained_now": trained,
-                      "val_zero_shot_accuracy": final["val_zero_shot_accuracy"],
-                      "logit_scale": final["logit_scale"]}))
-    print(f"use it with:  backbone: {{path: {folder}}}")
+    lines = [] if trained else [f"{folder} already holds a micro model pretrained on "
+                                f"{[s['name'] for s in meta['sources']]}; pass --retrain to pretrain it again"]
+    lines += [f"model {folder}: zero-shot accuracy on the val splits {final['val_zero_shot_accuracy']}, "
+              f"logit scale {final['logit_scale']:.4g}", f"use it with:  backbone: {{path: {folder}}}"]
+    emit(args, {"model": str(folder), "trained_now": trained, "val_zero_shot_accuracy": final["val_zero_shot_accuracy"],
+                "logit_scale": final["logit_scale"]}, "\n".join(lines))
     return 0
 
 
@@ -92,10 +89,12 @@ def _demo(args) -> int:
     if args.ablation:
         from calibprompt.demo.ablation import run_ablation
 
-        run_ablation(args.out, args.ablation, dataset=args.dataset, seeds=args.seeds, config=args.config,
-                     model=args.model, quiet=args.quiet)
+        done = run_ablation(args.out, args.ablation, dataset=args.dataset, seeds=args.seeds, config=args.config,
+                            model=args.model, quiet=args.quiet)
+        emit(args, {k: done[k] for k in ("axis", "rows", "claims", "figure")}, done["text"])
         return 0
     overrides = {"steps": args.pretrain_steps} if args.pretrain_steps else None
-    run_demo(args.out, dataset=args.dataset, seeds=args.seeds, config=args.config, model=args.model,
-             quiet=args.quiet, retrain=args.retrain, pretrain_overrides=overrides, eval_on=args.eval_on)
+    done = run_demo(args.out, dataset=args.dataset, seeds=args.seeds, config=args.config, model=args.model,
+                    quiet=args.quiet, retrain=args.retrain, pretrain_overrides=overrides, eval_on=args.eval_on)
+    emit(args, {"rows": done["rows"], "paired": done["paired"], "out": str(args.out)}, done["text"])
     return 0

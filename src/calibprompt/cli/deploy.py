@@ -22,13 +22,13 @@ def register(subparsers) -> None:
                     "set and the abstention flag (when the model has them).")
     p.add_argument("model", help="model file written by `calibprompt export` or CalibPromptClassifier.save")
     p.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or CSV files of paths")
-    p.add_argument("--format", choices=("json", "csv"), default="csv", help="output format (default csv)")
+    p.add_argument("--format", choices=("json", "csv"), default="csv",
+                   help="output format (default csv; --json is --format json)")
     p.add_argument("--out", help="write here instead of printing")
     p.add_argument("--backbone-path", help="where the backbone's weights are on this machine, when not where the "
                                            "model was exported")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--cache-dir", help="feature cache root (default: $CALIBPROMPT_CACHE or ~/.cache/calibprompt)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_predict)
 
 
@@ -41,7 +41,13 @@ def _export(args: argparse.Namespace) -> int:
              f"calibrator {model.calibrator.name if model.calibrator else 'none'}",
              f"conformal {model.conformal.score} alpha={model.conformal.alpha}" if model.conformal else "no conformal sets",
              f"abstains below {model.selective.threshold_:.4g}" if model.selective else "no abstention"]
-    print(f"wrote {path} ({', '.join(parts)})")
+    from calibprompt.cli.output import emit
+
+    emit(args, {"model": str(path), "classes": list(model.classnames), "head": model.head.kind,
+                "calibrator": model.calibrator.name if model.calibrator else None,
+                "conformal": {"score": model.conformal.score, "alpha": model.conformal.alpha} if model.conformal else None,
+                "abstain_below": model.selective.threshold_ if model.selective else None},
+         f"wrote {path} ({', '.join(parts)})")
     return 0
 
 
@@ -52,7 +58,7 @@ def _predict(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     records = predict_files(model, args.inputs, backbone_path=args.backbone_path, device=args.device,
                             cache_dir=args.cache_dir, progress=not args.quiet)
-    text = render(records, args.format)
+    text = render(records, "json" if args.json else args.format)
     if args.out:
         atomic_write_text(Path(args.out), text)
         if not args.quiet:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import sys
+
+from calibprompt.cli.output import emit
 
 
 def _int_list(text: str) -> list[int]:
@@ -34,8 +35,12 @@ def _grid_args(p, what: str) -> None:
     p.add_argument("--seeds", type=_int_list, help="comma-separated seeds, replacing the grid's")
     p.add_argument("--only", action="append", default=[], metavar="AXIS=LABELS",
                    help="restrict an axis, e.g. --only backbone=plip --only dataset=kather,pannuke")
-    p.add_argument("--executor", choices=("local", "ray"), default="local",
-                   help="local: in this process (default); ray: Ray tasks on a local instance or --ray-address")
+    p.add_argument("--executor", choices=("local", "process", "ray"), default="local",
+                   help="local: in this process (default); process: --jobs worker processes on this machine; "
+                        "ray: Ray tasks on a local instance or --ray-address")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="run N cells at once in worker processes on this machine (local executor; each gets "
+                        "cores/N threads; one feature encoding per image still holds)")
     p.add_argument("--ray-address", help="Ray cluster to join (e.g. auto, HOST:6379 or ray://HOST:10001)")
     p.add_argument("--cpus-per-run", type=float, default=1.0, help="Ray CPUs per task (default 1)")
     p.add_argument("--gpus-per-run", type=float, default=0.0,
@@ -43,12 +48,14 @@ def _grid_args(p, what: str) -> None:
     p.add_argument("--max-in-flight", type=int, help="Ray: most tasks submitted at once (default: cluster capacity)")
     p.add_argument("--cache-dir", help="feature cache root shared by every worker (default: the grid's cache_dir, "
                                        "else $CALIBPROMPT_CACHE/features)")
-    p.add_argument("--quiet", action="store_true", help="print only the final JSON summary")
 
 
 def register(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of runs (resumable), results into a store")
     _grid_args(p, "sweep")
+    from calibprompt.cli.run import _tracking_flags
+
+    _tracking_flags(p)
     p.add_argument("--shots", type=_int_list, help="comma-separated shots, replacing the grid's")
     p.add_argument("--n-ctx", type=_int_list, help="comma-separated prompt context lengths (an axis for the "
                                                    "prompt-learning methods), replacing the grid's")
@@ -105,7 +112,9 @@ def _load_grid(args):
     grid = Grid.load(args.grid)
     shots = args.shots if args.command == "sweep" else None  # tune takes a single --shots value itself
     n_ctx = args.n_ctx if args.command == "sweep" else None
-    return grid.override(args.overrides, seeds=args.seeds, shots=shots, only=_only(args.only), n_ctx=n_ctx)
+    from calibprompt.cli.run import tracking_overrides
+
+    return grid.override(list(args.overrides) + tracking_overrides(args), seeds=args.seeds, shots=shots, only=_only(args.only), n_ctx=n_ctx)
 
 
 def _sweep(args) -> int:
@@ -114,15 +123,17 @@ def _sweep(args) -> int:
     grid = _load_grid(args)
     if args.dry_run:
         specs = grid.expand()
-        for spec in specs:
-            print(f"{spec.run_id}  {spec.title}")
-        print(f"{len(specs)} runs" + (f" ({grid.duplicates} duplicate configs dropped)" if grid.duplicates else ""))
+        emit(args, {"runs": [{"run_id": s.run_id, "title": s.title} for s in specs], "duplicates": grid.duplicates},
+             "\n".join([f"{spec.run_id}  {spec.title}" for spec in specs] + [
+                 f"{len(specs)} runs" + (f" ({grid.duplicates} duplicate configs dropped)" if grid.duplicates else "")]))
         return 0
     summary = run_sweep(grid, args.out, store_url=args.store, executor=args.executor, ray_address=args.ray_address,
                         cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
-                        max_in_flight=args.max_in_flight, cache_dir=args.cache_dir,
+                        max_in_flight=args.max_in_flight, cache_dir=args.cache_dir, jobs=args.jobs,
                         retry_failed=not args.no_retry_failed, log=None if args.quiet else _err)
-    print(json.dumps(summary.to_dict()))
+    done = summary.to_dict()
+    emit(args, done, "sweep " + ", ".join(f"{k} {v}" for k, v in done.items() if isinstance(v, (int, float, str)))
+         + f"\nreport: calibprompt report {args.out}")
     return 1 if summary.failed else 0
 
 
@@ -138,8 +149,7 @@ def _report(args) -> int:
         return 0
     paths = write_report(args.dir, store_url=args.store, metrics=metrics, convention=args.convention,
                          report_dir=args.out, diagrams=not args.no_diagrams, self_contained=args.self_contained)
-    for kind, path in paths.items():
-        print(f"{kind:5s} {path}")
+    emit(args, paths, "\n".join(f"{kind:5s} {path}" for kind, path in paths.items()))
     return 0
 
 
@@ -153,13 +163,16 @@ def _tune(args) -> int:
                      val_shots=args.val_shots, acc_floor=args.acc_floor, sampler_seed=args.sampler_seed,
                      executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
                      gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight, cache_dir=args.cache_dir,
+                     jobs=args.jobs,
                      default_trial=not args.no_default_trial, log=None if args.quiet else _err)
+    lines = []
     for cell in tuned["cells"]:
         values = ", ".join(f"{k}={v}" for k, v in cell["set"].items())
-        print(f"{cell['backbone']} · {cell['dataset']}: {values}  ({tuned['objective']} {cell['first_value']:.4f} "
-              f"-> {cell['value']:.4f}, {cell['trials']} trials)")
-        print(f"  {cell['reading']}")
-    print(f"use it in a grid with  hparams: {args.out}/tuned.yaml")
+        lines.append(f"{cell['backbone']} · {cell['dataset']}: {values}  ({tuned['objective']} "
+                     f"{cell['first_value']:.4f} -> {cell['value']:.4f}, {cell['trials']} trials)")
+        lines.append(f"  {cell['reading']}")
+    lines.append(f"use it in a grid with  hparams: {args.out}/tuned.yaml")
+    emit(args, tuned, "\n".join(lines))
     return 0
 
 

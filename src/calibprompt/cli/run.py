@@ -15,17 +15,34 @@ def register(sub) -> None:
         p.add_argument("--out", required=True, help="output folder")
         p.add_argument("--split", help="reuse a few-shot split file (JSON) written by an earlier run")
         p.add_argument("--device", help="cpu, cuda, cuda:N or auto (overrides the config)")
+        if name == "train":
+            _tracking_flags(p)
         p.add_argument("--overwrite", action="store_true",
                        help="replace a finished run of a different config in --out")
-        p.add_argument("--quiet", action="store_true", help="no progress bars; print only the JSON summary")
         if name == "eval":
             p.add_argument("--head", help="head.safetensors of a finished run (any method) to evaluate")
             p.add_argument("--prompt", help="prompt.safetensors of a finished prompt-learning run to evaluate")
         p.set_defaults(func=_run_command)
 
     p = sub.add_parser("methods", help="list every method (prompt learning, feature-space, zero-shot) with its formula")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_methods)
+
+
+def _tracking_flags(p) -> None:
+    p.add_argument("--mlflow", metavar="URI", help="mirror the run(s) to this MLflow tracking URI "
+                                                  "(e.g. sqlite:///mlruns.db); sets tracking.mlflow")
+    p.add_argument("--tensorboard", action="store_true", help="write TensorBoard event files into each run folder "
+                                                              "(tensorboard --logdir OUT); sets tracking.tensorboard")
+
+
+def tracking_overrides(args) -> list[str]:
+    """``--set`` items for the tracking flags."""
+    out = []
+    if getattr(args, "mlflow", None):
+        out.append(f"tracking.mlflow={args.mlflow}")
+    if getattr(args, "tensorboard", False):
+        out.append("tracking.tensorboard=true")
+    return out
 
 
 def _run_command(args) -> int:
@@ -37,6 +54,7 @@ def _run_command(args) -> int:
         overrides.append(f"split_file={args.split}")
     if args.device:
         overrides.append(f"device={args.device}")
+    overrides += tracking_overrides(args)
     cfg = load_config(args.config, overrides)
     head_from = getattr(args, "head", None) or getattr(args, "prompt", None)
     if args.command == "eval" and head_from is None and cfg["method"].get("name") != "zeroshot":
@@ -48,14 +66,15 @@ def _run_command(args) -> int:
     convention = "reference" if reference else "standard"
     shown = result["metrics_reference" if reference else "metrics"]
     summary = {k: shown[k] for k in ("accuracy", "ece", "mce", "ace", "nll", "brier") if k in shown}
-    if args.quiet:
-        print(json.dumps({"run_id": result["run_id"], "out": args.out, "convention": convention, **summary}))
-    else:
-        print(f"run {result['run_id']} · {result['method']} · {result['backbone']} · {result['dataset']}")
-        print(f"  {convention} metrics" + (" (the official code's definitions)" if reference else "") + ": "
-              + "  ".join(f"{k} {v * 100:.2f}%" if k not in ("nll", "brier") else f"{k} {v:.4f}"
-                          for k, v in summary.items()))
-        print(f"  files in {args.out}; metrics.json holds both conventions")
+    from calibprompt.cli.output import emit
+
+    text = "\n".join([
+        f"run {result['run_id']} · {result['method']} · {result['backbone']} · {result['dataset']}",
+        f"  {convention} metrics" + (" (the official code's definitions)" if reference else "") + ": "
+        + "  ".join(f"{k} {v * 100:.2f}%" if k not in ("nll", "brier") else f"{k} {v:.4f}" for k, v in summary.items()),
+        f"  files in {args.out}; metrics.json holds both conventions"])
+    emit(args, {"run_id": result["run_id"], "out": args.out, "convention": convention, **summary,
+                "intervals": result.get("intervals")}, text)
     return 0
 
 

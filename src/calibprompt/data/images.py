@@ -145,7 +145,8 @@ def dicom_to_uint8(data: bytes) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         raise ImageReadError(
             f"pydicom cannot decode the pixel data (transfer syntax {syntax}): {err}. "
-            "Compressed DICOM needs a decoder plugin such as pylibjpeg or python-gdcm"
+            "Compressed DICOM needs a decoder plugin: pip install 'calibprompt[dicom]' (pylibjpeg with its JPEG and "
+            "JPEG 2000 codecs); JPEG-LS needs pyjpegls or python-gdcm"
         ) from err
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if raw.ndim == 3:  # colour: pydicom already converted YBR to RGB

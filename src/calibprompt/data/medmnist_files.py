@@ -4,7 +4,6 @@ calibprompt cache, or a download through the ``medmnist`` package (online only, 
 from __future__ import annotations
 
 import socket
-import sys
 from pathlib import Path
 
 from calibprompt.settings import cache_dir, data_dir
@@ -48,7 +47,9 @@ def _download_medmnist(flag: str, target: Path, quiet: bool) -> str | None:
         return f"{flag!r} is not a MedMNIST flag"
     target.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"downloading {flag}.npz with the medmnist package into {target} ...", file=sys.stderr)
+        from calibprompt.progress import log
+
+        log.info("downloading %s.npz with the medmnist package into %s ...", flag, target)
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(30)
     try:

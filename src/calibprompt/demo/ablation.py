@@ -84,11 +84,9 @@ def run_ablation(out: str | Path, axis: str, dataset: str | None = None, seeds: 
     atomic_write_json(out / "ablation.json", stored)
     _write_section(out, axis, key, rows, claims, figure, len(seed_list), ds.name)
     table = format_ablation(rows, key)
-    print(table)
-    for c in claims:
-        print(f"{c['statement']}: {c['verdict']} ({c['evidence']})")
+    text = "\n".join([table] + [f"{c['statement']}: {c['verdict']} ({c['evidence']})" for c in claims])
     say(f"ablation {axis} done in {(time.perf_counter() - start) / 60:.1f} min; {out / 'ablation.json'}, {figure}")
-    return {"axis": axis, "rows": rows, "claims": claims, "figure": str(figure), "table": table}
+    return {"axis": axis, "rows": rows, "claims": claims, "figure": str(figure), "table": table, "text": text}
 
 
 def format_ablation(rows: list[dict], key: str, markdown: bool = False) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import sys
 import time
 import warnings
 from dataclasses import fields
@@ -26,6 +25,7 @@ from typing import Any
 from calibprompt.demo.config import load_demo_config, parse_seeds, resolve_dataset, write_splits
 from calibprompt.demo.report import (draw_figures, format_conformal, format_paired, format_table, summarise,
                                      write_per_seed, write_report)
+from calibprompt.progress import log
 from calibprompt.reporting.stats import paired_differences
 from calibprompt.settings import atomic_write_json, cache_dir, slug
 
@@ -40,7 +40,7 @@ class Progress:
 
     def __call__(self, msg: str) -> None:
         if not self.quiet:
-            print(f"[{self.elapsed()}] {msg}", file=sys.stderr, flush=True)
+            log.info("[%s] %s", self.elapsed(), msg)
 
     def elapsed(self) -> str:
         s = int(time.perf_counter() - self.t0)
@@ -91,13 +91,10 @@ def run_demo(out: str | Path, dataset: str | None = None, seeds: Any = None, con
     atomic_write_json(out / "demo.json", info)
     write_report(out / "report.md", rows, paired, info, figures, methods, results, reference)
     table = format_table(rows)
-    print(table)
-    print(format_paired(paired, reference))
     conformal = format_conformal(rows, reference)
-    if conformal:
-        print("\n" + conformal)
+    text = table + "\n" + format_paired(paired, reference) + (("\n\n" + conformal) if conformal else "")
     say(f"done in {timings['total'] / 60:.1f} min; report {out / 'report.md'}, table {out / 'summary.json'}")
-    return {"rows": rows, "paired": paired, "info": info, "table": table}
+    return {"rows": rows, "paired": paired, "info": info, "table": table, "text": text}
 
 
 def _data(spec: str, quiet: bool, say) -> tuple[dict, Any, bool]:

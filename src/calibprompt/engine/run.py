@@ -22,7 +22,7 @@ from calibprompt.engine.artifacts import (
 )
 from calibprompt.features import FeatureCache
 from calibprompt.methods.heads import head_bytes
-from calibprompt.progress import folder_lock, note
+from calibprompt.progress import folder_lock, folder_log, log, note
 from calibprompt.settings import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 
@@ -37,7 +37,8 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"--out {out_dir} is a file, not a folder; choose a folder path")
-    with folder_lock(out_dir, ".run.lock"):
+    with folder_lock(out_dir, ".run.lock"), folder_log(out_dir):
+        log.debug("run %s: config %s", out_dir, {k: resolved[k] for k in ("seed", "shots", "resolved_method")})
         return _run(resolved, out_dir, quiet=quiet, cache=cache, overwrite=overwrite, head_from=head_from)
 
 
@@ -56,8 +57,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     if done is not None:
         changed = changed_inputs(done, resolved)
         if not changed:
-            if not quiet:
-                print(f"reusing finished run {run_hash[:12]} in {out_dir}")
+            log.info("reusing finished run %s in %s", run_hash[:12], out_dir)
             return done
         note(f"{out_dir}: the finished run of this config used other inputs ({changed}); running it again")
         overwrite = True
@@ -153,6 +153,9 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
         "config": resolved,
     }
     atomic_write_json(out_dir / RESULT_FILE, result)  # last: its presence marks the run finished
+    from calibprompt.engine.tracking import mirror_run
+
+    mirror_run(result, out_dir, resolved.get("tracking"))  # a copy for TensorBoard / MLflow when configured
     return result
 
 

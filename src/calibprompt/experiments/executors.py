@@ -1,6 +1,10 @@
 """Where sweep runs and tuning trials execute.
 
 * ``local`` (default): in this process, one task at a time; needs nothing else.
+* ``process`` (``--jobs N``): N worker processes on this machine (``concurrent.futures``, spawned, so
+  no state is shared by accident), each with cores/N torch threads; for a workstation with many cores
+  or several GPUs. Workers write their runs' folders themselves and share the feature cache on disk,
+  whose encode lock keeps one encoding per image.
 * ``ray``: each task is a Ray task (``num_cpus`` / fractional ``num_gpus`` per task) on a local Ray
   instance or the cluster at ``address``. Ray is imported only when this executor is chosen.
 
@@ -17,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-EXECUTORS = ("local", "ray")
+EXECUTORS = ("local", "process", "ray")
 
 
 @dataclass
@@ -66,6 +70,52 @@ class LocalExecutor:
 
     def close(self) -> None:
         self._queue.clear()
+
+
+class ProcessExecutor:
+    """``jobs`` worker processes on this machine; ``next_result`` waits for whichever task ends first."""
+
+    name = "process"
+
+    def __init__(self, jobs: int) -> None:
+        import multiprocessing
+        import os
+        from concurrent.futures import ProcessPoolExecutor
+
+        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+            raise ValueError(f"--jobs must be a whole number >= 1, got {jobs!r}")
+        self.parallelism = jobs
+        self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        # spawn, not fork: a forked child of a process that has started torch's thread pools can hang
+        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
+        self._inflight: dict = {}
+
+    def submit(self, fn: Callable[[dict], Any], payload: dict, tag: Any) -> None:
+        self._inflight[self._pool.submit(call, fn, payload)] = tag
+
+    def pending(self) -> int:
+        return len(self._inflight)
+
+    def next_result(self) -> tuple[Any, Outcome]:
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        done, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
+        future = next(iter(done))
+        tag = self._inflight.pop(future)
+        try:
+            outcome = future.result()
+        except Exception as err:  # noqa: BLE001 - a worker that died (out of memory, killed)
+            outcome = Outcome(False, None, f"worker process: {type(err).__name__}: {err}")
+        return tag, outcome
+
+    def task_options(self) -> dict:
+        return {"threads": self.threads}
+
+    def close(self) -> None:
+        for future in self._inflight:
+            future.cancel()
+        self._inflight.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class RayExecutor:
@@ -144,7 +194,13 @@ def _ray_call(fn: Callable[[dict], Any], payload: dict) -> Outcome:
 
 
 def make_executor(name: str = "local", *, ray_address: str | None = None, cpus_per_run: float = 1.0,
-                  gpus_per_run: float = 0.0, max_in_flight: int | None = None):
+                  gpus_per_run: float = 0.0, max_in_flight: int | None = None, jobs: int = 1):
+    if name == "local" and jobs != 1:
+        name = "process"
+    if name == "process":
+        if gpus_per_run:
+            raise ValueError("--gpus-per-run applies to --executor ray; with --jobs set device (e.g. --device cuda)")
+        return ProcessExecutor(jobs)
     if name == "local":
         if gpus_per_run:
             raise ValueError("--gpus-per-run applies to --executor ray; for local runs set device (e.g. --device cuda)")

@@ -21,15 +21,17 @@ import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from calibprompt.experiments.executors import make_executor
 from calibprompt.experiments.grid import Grid, RunSpec
 from calibprompt.experiments.store import ResultStore, default_url, public_url
 from calibprompt.experiments.tasks import execute_run
 from calibprompt.features import FeatureCache
-from calibprompt.progress import FolderBusy, folder_lock  # noqa: F401 - FolderBusy re-exported
+from calibprompt.progress import FolderBusy, folder_lock, folder_log  # noqa: F401 - FolderBusy re-exported
+from calibprompt.config import DEFAULTS
 from calibprompt.engine.artifacts import RESULT_FILE, finished_result
+from calibprompt.engine.tracking import enabled, end_sweep, mirror_run, start_sweep
 from calibprompt.settings import atomic_write_bytes, atomic_write_json
 
 SWEEP_FILE = "sweep.json"
@@ -78,14 +80,14 @@ def read_sweep_file(out_dir: str | Path) -> dict | None:
 
 def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, executor: str = "local",
               ray_address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
-              max_in_flight: int | None = None, cache_dir: str | None = None, retry_failed: bool = True,
+              max_in_flight: int | None = None, cache_dir: str | None = None, retry_failed: bool = True, jobs: int = 1,
               log: Callable[[str], None] | None = print) -> SweepSummary:
     """Run every unfinished run of ``grid`` into ``out_dir`` (see module docstring)."""
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     out_dir = Path(out_dir).absolute()
     specs = grid.expand()  # every config is validated before anything runs
-    with folder_lock(out_dir, ".sweep.lock"):
+    with folder_lock(out_dir, ".sweep.lock"), folder_log(out_dir):
         previous = read_sweep_file(out_dir) or {}
         store = ResultStore.for_dir(out_dir, store_url)
         # One sweep (and so one row per run) per output folder, even when sweep.json was deleted.
@@ -116,11 +118,17 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
             _write_sweep_file(out_dir, sweep_id, grid, specs, store.url, previous)
             log(f"sweep {grid.name}: {len(specs)} runs planned, {summary.skipped + summary.recovered} already "
                 f"done, {len(todo)} to run ({executor}) -> {out_dir}")
+            tracking = specs[0].config.get("tracking") if specs and todo else None
+            parent = start_sweep(tracking, grid.name, sweep_id, {"grid": grid.source, "runs": len(specs),
+                                                                 "out": str(out_dir)})
+            mirror = (lambda result, run_dir: mirror_run(result, run_dir, tracking, parent)) \
+                if enabled(tracking) else None
             if todo:
                 _execute(todo, store, sweep_id, summary, cache_root, log, executor, ray_address, cpus_per_run,
-                         gpus_per_run, max_in_flight)
+                         gpus_per_run, max_in_flight, jobs, mirror)
             counts = store.counts(sweep_id, [s.config_hash for s in specs])
             summary.done, summary.failed = counts["done"], counts["failed"]
+            end_sweep(tracking, parent, counts)
         finally:
             store.close()
     summary.seconds = time.perf_counter() - start
@@ -131,10 +139,11 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
 
 
 def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cache_root: str, log,
-             executor: str, ray_address, cpus_per_run, gpus_per_run, max_in_flight) -> None:
+             executor: str, ray_address, cpus_per_run, gpus_per_run, max_in_flight, jobs: int = 1,
+             mirror: Callable[[dict, Path], Any] | None = None) -> None:
     ex = make_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run,
-                       gpus_per_run=gpus_per_run, max_in_flight=max_in_flight)
-    ship = ex.name != "local"  # remote workers return the files; only this process writes DIR
+                       gpus_per_run=gpus_per_run, max_in_flight=max_in_flight, jobs=jobs)
+    ship = ex.name == "ray"  # remote workers return the files; only this process writes DIR
     queue = deque(todo)
     total = len(todo)
     try:
@@ -142,7 +151,8 @@ def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cac
             while queue and ex.pending() < ex.parallelism:
                 spec, run_dir = queue.popleft()
                 store.mark_running(sweep_id, spec.config_hash, worker=ex.name)
-                payload = {"config": spec.config, "run_dir": str(run_dir), "cache_root": cache_root,
+                # tracking is mirrored here, under the sweep's parent run, not by the worker
+                payload = {"config": {**spec.config, "tracking": dict(DEFAULTS["tracking"])}, "run_dir": str(run_dir), "cache_root": cache_root,
                            "ship": ship, **ex.task_options()}
                 ex.submit(execute_run, payload, tag=(spec, run_dir))
             (spec, run_dir), outcome = ex.next_result()
@@ -159,6 +169,8 @@ def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cac
                                            "result of this config")
                     store.mark_done(sweep_id, spec.config_hash, result, worker=outcome.worker,
                                     seconds=outcome.seconds)
+                    if mirror is not None:
+                        mirror(result, run_dir)
                     m = result["metrics"]
                     log(f"{prefix} done   {spec.title}: acc {m['accuracy'] * 100:.2f}% ECE {m['ece'] * 100:.2f}% "
                         f"({outcome.seconds:.1f} s)")

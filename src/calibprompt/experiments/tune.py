@@ -134,7 +134,7 @@ def run_tune(grid: Grid, out_dir: str | Path, *, method: str = "calibprompt", ob
              storage: str | None = None, seeds: list[int] | None = None, shots: int | None = None,
              val_shots: int | None = None, acc_floor: float = 0.01, sampler_seed: int = 0,
              executor: str = "local", ray_address: str | None = None, cpus_per_run: float = 1.0,
-             gpus_per_run: float = 0.0, max_in_flight: int | None = None, cache_dir: str | None = None,
+             gpus_per_run: float = 0.0, max_in_flight: int | None = None, cache_dir: str | None = None, jobs: int = 1,
              default_trial: bool = True, log: Callable[[str], None] | None = print) -> dict:
     """Tune ``method`` on every (backbone, dataset) of ``grid``; returns the tuned.yaml content."""
     import optuna
@@ -193,7 +193,7 @@ def run_tune(grid: Grid, out_dir: str | Path, *, method: str = "calibprompt", ob
             cells.append(CellStudy(backbone, dataset, study, configs,
                                    reference=study.user_attrs.get("reference_accuracy")))
         ex = make_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run, gpus_per_run=gpus_per_run,
-                           max_in_flight=max_in_flight)
+                           max_in_flight=max_in_flight, jobs=jobs)
         try:
             if objective == "val_ece_floor":
                 _references(cells, ex, cache_root, log)

@@ -14,6 +14,7 @@ read-only) turns the disk cache off for the process with one note; the run goes 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -112,8 +113,43 @@ class FeatureCache:
             out.append(found)
             todo += [(g, i, samples[i], keys[i], train) for i, f in enumerate(found) if f is None]
         if todo:
-            self._encode(backbone, dataset, todo, out, weights, int(batch_size or self.batch_size), progress)
+            with self._encode_lock(weights):
+                todo = self._still_missing(todo, out, weights, dim)
+                if todo:
+                    self._encode(backbone, dataset, todo, out, weights, int(batch_size or self.batch_size), progress)
         return [torch.stack(feats) if feats else torch.empty(0, dim) for feats in out]  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def _encode_lock(self, weights: str):
+        """One process at a time encodes for these weights under this root: workers that share the cache
+        (``sweep --jobs``, Ray workers on a shared path) wait, then find the features on disk instead of
+        encoding the same image twice. A cache that cannot hold a lock file (read-only) goes without."""
+        from filelock import FileLock
+
+        try:
+            folder = self.root / weights[:16]
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(folder / ".encode.lock"))
+            lock.acquire()
+        except OSError:
+            yield
+            return
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _still_missing(self, todo: list, out: list, weights: str, dim: int) -> list:
+        """The ``todo`` entries that another process has not written meanwhile (those are filled in)."""
+        left = []
+        for entry in todo:
+            g, i, _sample, key, _train = entry
+            found = self._lookup(weights, key, dim)
+            if found is None:
+                left.append(entry)
+            else:
+                out[g][i] = found
+        return left
 
     def _encode(self, backbone: Backbone, dataset, todo: list, out: list, weights: str, batch_size: int,
                 progress: bool) -> None:

@@ -5,15 +5,16 @@ Every loss is called as
 and accepts ``convention="standard"|"reference"`` (see docs/losses.md).
 """
 
-from .base import CONVENTIONS, Loss
+from .base import CONVENTIONS, Loss, LossInputs
 from .calibration import class_frequencies, smoothed_frequencies
 from .objective import Objective, build_objective
-from .registry import LOSSES, canonical_name, default_weight, get_loss, list_losses
+from .registry import LOSSES, canonical_name, default_weight, get_loss, list_losses, register_loss
 
 __all__ = [
     "CONVENTIONS",
     "LOSSES",
     "Loss",
+    "LossInputs",
     "Objective",
     "build_objective",
     "canonical_name",
@@ -21,5 +22,6 @@ __all__ = [
     "default_weight",
     "get_loss",
     "list_losses",
+    "register_loss",
     "smoothed_frequencies",
 ]

@@ -25,12 +25,31 @@ ALIASES: dict[str, str] = {
 }
 
 
+def register_loss(cls: type[Loss]) -> type[Loss]:
+    """Class decorator: add a :class:`Loss` subclass to the registry under ``cls.name`` (upper case,
+    unique); then it works in every loss list (``losses:``, ``method.losses``) and in ``list_losses``."""
+    if not (isinstance(cls, type) and issubclass(cls, Loss)):
+        raise ValueError(f"register_loss takes a Loss subclass, got {cls!r}")
+    name = str(getattr(cls, "name", "") or "")
+    if not name or name != name.upper().replace("-", "_") or name in LOSSES or name in ALIASES:
+        raise ValueError(f"loss class {cls.__name__} needs a unique upper-case name without '-' "
+                         f"(got {name!r}; taken: {', '.join(LOSSES)})")
+    if cls.kind not in ("task", "calibration", "text"):
+        raise ValueError(f"loss {name}: kind must be 'task', 'calibration' or 'text', got {cls.kind!r}")
+    LOSSES[name] = cls
+    return cls
+
+
 def canonical_name(name: str) -> str:
     """The registry's spelling of ``name``, or ValueError listing the valid names."""
     if not isinstance(name, str):
         raise ValueError(f"a loss name must be a string, got {name!r}; valid names: {', '.join(LOSSES)}")
     key = name.strip().upper().replace("-", "_")
     key = ALIASES.get(key, key)
+    if key not in LOSSES:
+        from calibprompt.plugins import load_plugins
+
+        load_plugins()  # a plug-in package may register it
     if key not in LOSSES:
         raise ValueError(
             f"unknown loss {name!r}; valid names: {', '.join(LOSSES)} "
@@ -53,6 +72,9 @@ def default_weight(name: str) -> float:
 
 def list_losses() -> list[dict[str, Any]]:
     """One record per loss (name, kind, formula, needs, parameters with defaults, default weight)."""
+    from calibprompt.plugins import load_plugins
+
+    load_plugins()
     out = []
     for name, cls in LOSSES.items():
         out.append(

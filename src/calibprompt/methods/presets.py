@@ -192,6 +192,13 @@ def resolve_method(name: str, **params: Any) -> MethodSpec:
         raise ValueError(f"a method name must be a string, got {name!r}")
     base, posthoc = _split_posthoc(name.strip().lower())
     if base not in PRESETS:
+        from calibprompt.plugins import load_plugins
+
+        load_plugins()  # a plug-in package may register the method
+        if base in METHODS:  # a registered Method kind without a preset: its own name, CE by default
+            PRESETS[base] = _Preset(METHODS[base].formula, {}, lambda: [_term("CE")], kind=base)
+        base, posthoc = _split_posthoc(name.strip().lower())
+    if base not in PRESETS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(PRESETS)} "
                          f"(each may end in {', '.join('+' + s for s in posthoc_suffixes())})")
     preset = PRESETS[base]
@@ -261,6 +268,11 @@ def normalise_losses(losses: Any, where: str) -> list[dict[str, Any]]:
 
 def list_methods() -> list[dict[str, Any]]:
     """One record per preset: name, kind, family, description (formula), params with defaults."""
+    from calibprompt.plugins import load_plugins
+
+    load_plugins()
+    for kind in METHODS:  # plug-in Method kinds without a preset of their own
+        PRESETS.setdefault(kind, _Preset(METHODS[kind].formula, {}, lambda: [_term("CE")], kind=kind))
     out = []
     for name, p in PRESETS.items():
         cls = METHODS[p.kind]

@@ -98,9 +98,10 @@ def bootstrap_ci(
     rows = np.arange(n)
     names = list(one(rows))  # the metric names, in a fixed order
 
-    def statistic(idx: np.ndarray) -> np.ndarray:
+    def statistic(idx: np.ndarray) -> np.ndarray | float:
         values = one(np.asarray(idx, dtype=np.int64))
-        return np.array([float(values[name]) for name in names], dtype=np.float64)
+        out = np.array([float(values[name]) for name in names], dtype=np.float64)
+        return out if len(out) > 1 else float(out[0])  # a scalar: scipy 1.10's BCa gives NaN for shape (1,)
 
     res = scipy_bootstrap((rows,), statistic, n_resamples=int(n_resamples), confidence_level=float(level),
                           method=method, seed=seed)

@@ -28,7 +28,6 @@ step every image sits on the majority class for hundreds of steps. ``logit_scale
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -296,7 +295,9 @@ def _pretrain(data_cfgs: Sequence[dict], out_dir: str | Path, settings: Pretrain
     from calibprompt.backbones.open_clip_model import OpenClipBackbone
     from calibprompt.backbones.preprocess import Preprocess
 
-    say = log or (lambda msg: print(msg, file=sys.stderr))
+    from calibprompt.progress import log as logger
+
+    say = log or logger.info
     t_start = time.perf_counter()
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)

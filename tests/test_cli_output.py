@@ -1,0 +1,94 @@
+"""The CLI's shared output contract: -q / -v / --log-level / --json on every sub-command, JSON-only
+stdout under --json, and library code that never prints (it logs through the ``calibprompt`` logger)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+import calibprompt
+from calibprompt.cli import build_parser, main
+from calibprompt.cli.output import log_level
+
+PACKAGE = Path(calibprompt.__file__).parent
+
+
+def _commands(parser: argparse.ArgumentParser, prefix: str = ""):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, command in action.choices.items():
+                nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+                if nested:
+                    yield from _commands(command, f"{prefix}{name} ")
+                else:
+                    yield f"{prefix}{name}", command
+
+
+def test_library_code_never_prints():
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "cli":
+            continue  # the command line is where results are printed
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert offenders == [], f"library code prints (log through calibprompt.progress.log instead): {offenders}"
+
+
+def test_every_command_takes_the_shared_flags():
+    commands = dict(_commands(build_parser()))
+    assert {"train", "eval", "sweep", "report", "tune", "predict", "export", "demo", "pretrain-micro",
+            "data inspect", "data prepare", "config schema", "config validate"} <= set(commands)
+    for name, command in commands.items():
+        flags = set(command._option_string_actions)
+        assert {"-q", "--quiet", "-v", "--verbose", "--log-level", "--json"} <= flags, name
+
+
+@pytest.mark.parametrize("argv, level", [([], logging.INFO), (["-q"], logging.WARNING), (["-qq"], logging.ERROR),
+                                         (["-v"], logging.DEBUG), (["-q", "--log-level", "debug"], logging.DEBUG)])
+def test_log_level_flags(argv, level):
+    args = build_parser().parse_args(["methods", *argv])
+    assert log_level(args) == level
+
+
+@pytest.mark.parametrize("argv", [["methods"], ["models"], ["datasets"], ["config", "schema"]])
+def test_json_output_is_one_document(argv, capsys):
+    assert main([*argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert isinstance(json.loads(out), (list, dict))
+
+
+def test_exit_codes_tell_input_errors_from_library_failures():
+    import numpy as np
+
+    from calibprompt.cli import _one_line
+    from calibprompt.config import ConfigError, check_types
+
+    try:
+        check_types({"shots": -3})
+    except ConfigError as err:
+        ours = err
+    try:
+        np.zeros(3).reshape(2)
+    except ValueError as err:
+        numpy_error = err
+    assert _one_line(ours) == (str(ours), 2)  # a user's input: usage error
+    message, code = _one_line(numpy_error)
+    assert code == 1 and message.startswith("ValueError inside a library") and "--debug" in message
+
+
+def test_the_package_imports_no_posix_only_module():
+    """Windows users can import everything: folder locks go through filelock, not fcntl."""
+    posix_only = {"fcntl", "termios", "pwd", "grp", "resource"}
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0] in posix_only]
+    assert found == []
