@@ -41,8 +41,12 @@ def test_set_params_validates_and_refits():
     assert cal.set_params(n_bins=5) is cal and cal.n_bins == 5
     with pytest.raises(NotFittedError):
         check_is_fitted(cal)  # new parameters drop what was learned with the old ones
+    cal.fit(*_overconfident())
+    check_is_fitted(cal)
+    assert len(cal.values_[0]) == 5  # refitted with the new number of bins
     with pytest.raises(ValueError, match="n_bins"):
         cal.set_params(n_bins=0)
+    assert cal.n_bins == 5 and len(cal.values_[0]) == 5  # a bad value leaves it as it was
     with pytest.raises(ValueError, match="no parameter 'bins'.*valid parameters: n_bins, mode"):
         cal.set_params(bins=5)
 

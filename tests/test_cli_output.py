@@ -92,3 +92,19 @@ def test_the_package_imports_no_posix_only_module():
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             found += [f"{path.relative_to(PACKAGE)}: {n}" for n in names if n.split(".")[0] in posix_only]
     assert found == []
+
+
+def test_flags_before_a_group_action_are_an_error_not_ignored(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["config", "--json", "validate", "x.yaml"])
+    assert stop.value.code == 2 and "--json" in capsys.readouterr().err
+
+
+def test_main_leaves_logging_as_it_found_it():
+    import warnings
+
+    logger = logging.getLogger("calibprompt")
+    before = (list(logger.handlers), logger.level, logger.propagate, warnings.showwarning)
+    for argv in (["methods", "-v", "--json"], ["methods", "-qq"], ["config", "validate", "/nonexistent.yaml"]):
+        main(argv)
+        assert (list(logger.handlers), logger.level, logger.propagate, warnings.showwarning) == before, argv

@@ -128,3 +128,30 @@ def test_demo_shots_ablation_writes_rows_figure_claims_and_a_report_section(tiny
     report = (out / "report.md").read_text()
     assert report.startswith("# calibprompt demo") and report.count("## Ablation: shots") == 1
     assert "![ablation shots](figures/ablation_shots.png)" in report
+
+
+def test_demo_robustness_writes_rows_paired_differences_and_a_report_section(tiny_model, tmp_path, monkeypatch):
+    from calibprompt.demo.robustness import run_robustness
+
+    monkeypatch.setenv("CALIBPROMPT_DATA", str(require_shared("medmnist/pneumoniamnist.npz").parent.parent))
+    monkeypatch.setenv("CALIBPROMPT_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "demo.yaml"
+    config.write_text(ABLATION_CONFIG)
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("# calibprompt demo\n\nthe main table\n")
+    done = run_robustness(out, dataset="pneumoniamnist", seeds=2, config=config, model=tiny_model, quiet=True,
+                          n0=2, n=8, max_images=10)
+    stored = json.loads((out / "robustness.json").read_text())
+    assert [r["label"] for r in stored["rows"]] == ["CoOp-CE", "CalibPrompt", "PromptSmooth", "PromptSmooth + AS"]
+    for row in stored["rows"]:
+        assert row["n_seeds"] == 2 and len(row["noisy_ece"]["per_seed"]) == 2
+        assert set(row["certified_accuracy"]) == {"0.0", "0.125", "0.25", "0.375", "0.5"}
+    assert stored["paired"]["reference"] == "PromptSmooth" and len(stored["paired"]["noisy_ece"]["per_seed"]) == 2
+    assert stored["settings"]["sigma"] == 0.25 and stored["settings"]["max_images"] == 10
+    kinds = {json.loads(p.read_text())["config"]["resolved_method"]["kind"]
+             for p in (out / "robustness" / "runs").glob("*/seed*/metrics.json")}
+    assert kinds == {"coop", "promptsmooth"}
+    report = (out / "report.md").read_text()
+    assert report.startswith("# calibprompt demo") and "## Robustness: Gaussian noise sigma 0.25" in report
+    assert "PromptSmooth + AS vs PromptSmooth" in done["text"]

@@ -3,6 +3,7 @@ store and feature-cache determinism. Nothing here trains a model."""
 
 from __future__ import annotations
 
+import json
 import pytest
 import torch
 import yaml
@@ -176,7 +177,13 @@ def test_cli_dry_run_lists_runs(tmp_path, capsys):
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run", "--seeds", "3"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == "8 runs" and all("seed 3" in line for line in lines[:-1])
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--dry-run", "--seeds", "3", "--json"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert len(planned["runs"]) == 8 and all("seed 3" in r["title"] for r in planned["runs"])
     assert not (tmp_path / "out").exists()
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--jobs", "0"]) == 2
+    assert "--jobs must be a whole number >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before the folder was locked
     assert main(["sweep", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
     assert "neither a file nor a preset" in capsys.readouterr().err
 

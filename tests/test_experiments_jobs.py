@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 import yaml
 
 from calibprompt.cli import main
@@ -44,3 +45,30 @@ def test_jobs_match_one_process_and_encode_each_image_once(tmp_path, capsys):
                for jobs, runs in ((2, parallel), (1, serial))}
     assert encoded[2] == encoded[1] > 0  # the second worker found on disk what the first encoded
     assert (tmp_path / "sweep2" / "log.txt").is_file()
+
+
+def test_a_worker_that_waited_for_the_encode_lock_reads_what_the_other_wrote(tmp_path, monkeypatch):
+    """Deterministic: while cache B waits for the encode lock, cache A (another worker) encodes the same
+    images; B then finds them on disk and encodes none."""
+    import contextlib
+
+    from calibprompt.backbones import load_backbone
+    from calibprompt.data import open_dataset
+    from calibprompt.features import FeatureCache
+
+    backbone = load_backbone({"path": str(tiny_model_dir(tmp_path / "model", "clip"))})
+    dataset = open_dataset({"source": "folder", "path": str(write_image_folder(tmp_path / "images", n_train=4, n_test=3))})
+    samples = dataset.samples[:6]
+    a, b = FeatureCache(tmp_path / "shared"), FeatureCache(tmp_path / "shared")
+    real = b._encode_lock
+
+    @contextlib.contextmanager
+    def waited(weights):
+        a.features(backbone, dataset, samples)  # the other worker, done while B was waiting
+        with real(weights):
+            yield
+
+    monkeypatch.setattr(b, "_encode_lock", waited)
+    feats = b.features(backbone, dataset, samples)
+    assert a.encoded == 6 and b.encoded == 0
+    assert torch.equal(feats, a.features(backbone, dataset, samples))

@@ -314,3 +314,10 @@ def test_conformal_columns_and_the_set_size_verdict_reach_the_report(local_sweep
         assert float(row["ece_low"]) <= float(row["ece"]) + 1e-9 and float(row["ece"]) <= float(row["ece_high"]) + 1e-9
         assert float(row["accuracy_low"]) <= float(row["accuracy"]) <= float(row["accuracy_high"])
         assert row["n_resamples"] == "1000"
+    # --json turns every printed result into one JSON document: the table, the written paths
+    capsys.readouterr()
+    assert main(["report", str(out), "--format", "md", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["format"] == "md" and doc["text"].startswith("#")
+    assert main(["report", str(out), "--no-diagrams", "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) >= {"md", "tex", "csv", "html", "intervals"}

@@ -12,7 +12,7 @@ import calibprompt
 ROOT = Path(calibprompt.__file__).parent
 #: data flow order (docs/design.md); a module may import from its own layer or any earlier one
 LAYERS = ["settings", "progress", "plugins", "data", "backbones", "features", "losses", "calibration", "methods", "metrics", "config",
-          "engine", "experiments", "reporting", "deploy", "pretrain", "demo", "cli"]
+          "engine", "robustness", "experiments", "reporting", "deploy", "pretrain", "demo", "cli"]
 TOP = {"__init__", "__main__"}  # the package's entry points may import anything
 
 

@@ -82,5 +82,12 @@ def test_lowest_versions_file_pins_every_floor():
         floor = re.search(r">=\s*([\w.]+)", requirement).group(1)
         assert name in pinned, f"{name} is not in constraints-min.txt"
         if name not in ("torch", "torchvision"):  # only the local wheels install here (docs/ecosystem.md)
-            assert pinned[name].startswith(floor) or floor.startswith(pinned[name]) or pinned[name] == floor + ".0", \
-                (name, floor, pinned[name])
+            assert _release(pinned[name]) == _release(floor), (name, floor, pinned[name])
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """(1, 24, 0) for "1.24", "1.24.0": trailing zeros do not make another version."""
+    parts = [int(p) for p in version.split(".")]
+    while len(parts) > 1 and parts[-1] == 0:
+        parts.pop()
+    return tuple(parts)

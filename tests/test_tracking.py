@@ -57,6 +57,13 @@ def test_a_sweep_mirrored_to_mlflow_and_tensorboard(tmp_path, capsys):
         losses = [e.value for e in events.Scalars("train/loss")]
         assert len(losses) == EPOCHS and losses == pytest.approx(result["train"]["epoch_losses"], rel=1e-6)
         assert events.Scalars("test/ece")[0].value == pytest.approx(result["metrics"]["ece"], rel=1e-6)
+    assert (tmp_path / "mlflow.artifacts").is_dir()  # artifacts beside the store, not in ./mlruns
+    # a tracking store that cannot be opened gives notes; the sweep and its runs are done as ever
+    bad = "sqlite:////proc/calibprompt-none/x.db"  # a folder that cannot be created
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "other"), "--mlflow", bad, "--json", "-q",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out)["done"] == 2 and "tracking: MLflow" in printed.err
     # the source of truth is unchanged: tracking is not part of a run's identity
     assert main(["sweep", str(grid), "--out", str(out), "--json", "-q", "--cache-dir", str(tmp_path / "cache")]) == 0
     assert json.loads(capsys.readouterr().out)["executed"] == 0

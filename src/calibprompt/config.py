@@ -7,6 +7,10 @@ consumes them. Any unknown key is an error naming the key and the valid ones.
 The run identity is the sha256 of the *resolved* config (method expanded into its losses, defaults
 filled in) without the keys that cannot change results (``device`` placement aside, which is recorded
 but not hashed, and ``cache_dir``). A finished run is reused only when this hash matches.
+
+Why this module is long: one table of keys (``DEFAULTS`` and ``SCHEMA``) has four readers that stay
+beside it: loading with ``--set``, the type and range checks, ``validate_file`` (``calibprompt config
+validate``) and ``json_schema`` (``calibprompt config schema``).
 """
 
 from __future__ import annotations
@@ -222,12 +226,24 @@ def validate_file(path: str | Path) -> list[str]:
     from calibprompt.backbones.registry import check_backbone_config
     from calibprompt.data import check_data_config
 
+    from calibprompt.methods import resolve_method
+
     problems = type_problems(cfg)
     for check, section in ((check_backbone_config, "backbone"), (check_data_config, "data")):
+        if not isinstance(cfg[section], dict):
+            problems.append(f"{section}: must be a mapping of keys to values, got {cfg[section]!r}")
+            continue
         try:
             check(cfg[section])
         except ValueError as err:
             problems.append(str(err) if str(err).startswith(section) else f"{section}: {err}")
+    method = dict(cfg["method"]) if isinstance(cfg["method"], dict) else {}
+    name = method.pop("name", None)
+    if name and name != "custom":  # the method and its parameters, whatever else is wrong
+        try:
+            resolve_method(name, **method)
+        except ValueError as err:
+            problems.append(f"method: {err}")
     if not problems:
         try:
             resolve(cfg)

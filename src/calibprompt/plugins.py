@@ -26,7 +26,7 @@ def load_plugins() -> list[str]:
     global _loaded
     if _loaded is not None:
         return list(_loaded)
-    _loaded = []
+    loaded = []
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
         try:
             target = ep.load()
@@ -36,5 +36,6 @@ def load_plugins() -> list[str]:
             raise PluginError(f"calibprompt plug-in {ep.name!r} ({ep.value}, from distribution "
                               f"{getattr(ep.dist, 'name', '?')}) failed to load: {type(err).__name__}: {err}. "
                               "Fix or uninstall that package.") from err
-        _loaded.append(ep.name)
+        loaded.append(ep.name)
+    _loaded = loaded  # only once every plug-in loaded: a broken one keeps raising, never "unknown loss"
     return list(_loaded)

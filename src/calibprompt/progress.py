@@ -132,24 +132,39 @@ def folder_log(folder: str | os.PathLike, level: int = logging.DEBUG) -> Iterato
     handler = logging.FileHandler(folder / LOG_FILE, mode="a", encoding="utf-8")
     handler.setLevel(level)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    stderr = None
-    if not log.hasHandlers():  # the file would stop logging's last-resort stderr output of notes
-        stderr = logging.StreamHandler()
-        stderr.setLevel(logging.WARNING)
-        stderr.setFormatter(logging.Formatter("calibprompt: note: %(message)s"))
-        log.addHandler(stderr)
-    previous = log.level
-    if log.getEffectiveLevel() > level:
+    previous, propagate = log.level, log.propagate
+    threshold = log.getEffectiveLevel()
+    forward = None
+    if threshold > level:
+        # Open the logger to ``level`` for the file, but hand the application's handlers (and logging's
+        # last resort) only what they saw before: records below the old level must not leak to them.
         log.setLevel(level)
+        if propagate:
+            forward = _Forward(threshold)
+            log.addHandler(forward)
+            log.propagate = False
     log.addHandler(handler)
     try:
         yield folder / LOG_FILE
     finally:
         log.removeHandler(handler)
         handler.close()
-        if stderr is not None:
-            log.removeHandler(stderr)
+        if forward is not None:
+            log.removeHandler(forward)
         log.setLevel(previous)
+        log.propagate = propagate
+
+
+class _Forward(logging.Handler):
+    """Passes records at or above the logger's former level on to the root logger's handlers."""
+
+    def __init__(self, threshold: int) -> None:
+        super().__init__(threshold)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        root = logging.getLogger()
+        if not root.disabled and root.filter(record):
+            root.callHandlers(record)
 
 
 class FolderBusy(ValueError):

@@ -23,14 +23,18 @@ def test_progress_off_a_terminal_is_plain_lines(monkeypatch):
     stream = io.StringIO()
     monkeypatch.setattr(progress_module.sys, "stderr", stream)  # not a terminal: lines, not a bar
     handler = logging.StreamHandler(stream)  # progress lines are INFO records of the calibprompt logger
-    progress_module.log.addHandler(handler)
-    monkeypatch.setattr(progress_module.log, "level", logging.INFO)
     monkeypatch.setattr(progress_module, "console_level", logging.INFO)
-    bar = progress_module.progress(100, "encoding images")
-    for _ in range(100):
-        bar.update(1)
-    bar.close()
-    progress_module.log.removeHandler(handler)
+    previous = progress_module.log.level
+    progress_module.log.addHandler(handler)
+    progress_module.log.setLevel(logging.INFO)  # setLevel, not the attribute: it clears logging's level cache
+    try:
+        bar = progress_module.progress(100, "encoding images")
+        for _ in range(100):
+            bar.update(1)
+        bar.close()
+    finally:
+        progress_module.log.removeHandler(handler)
+        progress_module.log.setLevel(previous)
     text = stream.getvalue()
     assert "\r" not in text
     lines = text.splitlines()

@@ -231,7 +231,9 @@ STRING_KEYS = ("name", "path", "hub_id", "text_dir", "tokenizer_dir")
 def check_backbone_config(cfg: dict) -> None:
     """Unknown keys, invalid switch values and an unknown model name (with nothing else to load) are
     errors naming the key and the valid choices; called by config resolution before any work."""
-    cfg = {k: v for k, v in dict(cfg).items() if v is not None}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"backbone must be a mapping such as {{name: biomedclip, path: /models/x}}, got {cfg!r}")
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     unknown = sorted(set(cfg) - set(BACKBONE_KEYS))
     if unknown:
         raise ValueError(f"unknown backbone key(s) {unknown}; valid keys: {sorted(BACKBONE_KEYS)}")

@@ -95,14 +95,21 @@ class Calibrator(BaseEstimator):
         """Constructor parameters (``deep`` is accepted for scikit-learn; calibrators hold no estimators)."""
         return {k: getattr(self, k) for k in self._param_names()}
 
-    def set_params(self, **params: Any) -> "Calibrator":
-        """Change constructor parameters (validated by re-running the constructor); fitted state is dropped."""
-        valid = self._param_names()
+    @classmethod
+    def _check_param_names(cls, params: dict) -> None:
+        valid = cls._param_names()
         unknown = sorted(set(params) - set(valid))
         if unknown:
-            raise ValueError(f"calibrator '{self.name}' has no parameter {', '.join(map(repr, unknown))}; "
+            raise ValueError(f"calibrator '{cls.name}' has no parameter {', '.join(map(repr, unknown))}; "
                              f"valid parameters: {', '.join(valid) or 'none'}")
-        type(self).__init__(self, **{**self.get_params(), **params})
+
+    def set_params(self, **params: Any) -> "Calibrator":
+        """Change constructor parameters; fitted state is dropped. The new parameters are validated by
+        the constructor first, so a bad value leaves the calibrator as it was."""
+        self._check_param_names(params)
+        fresh = type(self)(**{**self.get_params(), **params})
+        self.__dict__.clear()
+        self.__dict__.update(fresh.__dict__)
         return self
 
     def __sklearn_is_fitted__(self) -> bool:
@@ -187,13 +194,7 @@ def get_calibrator(name: str, **params: Any) -> Calibrator:
     if key not in CALIBRATORS:
         raise ValueError(f"unknown calibrator {name!r}; valid names: {', '.join(CALIBRATORS)}")
     cls = CALIBRATORS[key]
-    valid = cls._param_names()
-    unknown = sorted(set(params) - set(valid))
-    if unknown:
-        raise ValueError(
-            f"calibrator '{key}' has no parameter {', '.join(map(repr, unknown))}; "
-            f"valid parameters: {', '.join(valid) or 'none'}"
-        )
+    cls._check_param_names(params)
     return cls(**params)
 
 

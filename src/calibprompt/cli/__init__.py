@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 # Modules that contribute sub-commands, in the order they appear in --help.
-COMMAND_MODULES = ["run", "deploy", "models", "data", "experiments", "demo", "config"]
+COMMAND_MODULES = ["run", "robustness", "deploy", "models", "data", "experiments", "demo", "config"]
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -40,14 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_common_flags(sub) -> None:
-    """-v / -q / --log-level / --json on every (nested) sub-command."""
+    """-v / -q / --log-level / --json on every leaf sub-command (``calibprompt data inspect -v``). A group
+    (``data``, ``config``) does not take them: argparse would let its action's defaults overwrite them."""
     from calibprompt.cli.output import add_common
 
     for command in set(sub.choices.values()):
         nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
         if nested:
             _add_common_flags(nested[0])
-        add_common(command)
+        else:
+            add_common(command)
 
 
 def _configure_logging(level: int):

@@ -27,8 +27,12 @@ def _schema(args: argparse.Namespace) -> int:
 
     text = json.dumps(json_schema(), indent=2) + "\n"
     if args.out:
+        from calibprompt.cli.output import emit_json
+
         atomic_write_text(args.out, text)
-        if not args.json:
+        if args.json:
+            emit_json({"out": str(args.out)})
+        else:
             print(f"wrote {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from calibprompt.cli.output import emit_json
+
 import argparse
-import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
 
     rows = [spec.to_dict() for spec in PAPER_DATASETS.values()]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        emit_json(rows)
         return 0
     for spec in PAPER_DATASETS.values():
         print(f"{spec.name} ({spec.modality}; {', '.join(spec.backbones)})")
@@ -76,7 +77,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         from dataclasses import asdict, is_dataclass
 
         data = asdict(report) if is_dataclass(report) else dict(vars(report))
-        print(json.dumps({**data, "warnings": [str(w.message) for w in caught]}, indent=2, default=str))
+        emit_json({**data, "warnings": [str(w.message) for w in caught]})
         return 0
     print(f"{report.name}: wrote {report.path} ({report.recipe} recipe)")
     for split, per_class in report.counts.items():
@@ -141,7 +142,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         "wordless_classnames": wordless_classnames(dataset.classnames),
     }
     if args.json:
-        print(json.dumps(report, indent=2))
+        emit_json(report)
         return 0
     print(f"dataset:  {dataset.name} ({dataset.source}, {dataset.location})")
     print(f"template: {dataset.template!r}")

@@ -42,6 +42,10 @@ def register(sub) -> None:
     p.add_argument("--eval-on", choices=("test", "val"),
                    help="evaluate on the test split (default) or on the val images that are not validation shots "
                         "(for investigations and tuning that must not look at the test split)")
+    p.add_argument("--robustness", action="store_true",
+                   help="instead of the table: CoOp-CE, CalibPrompt, PromptSmooth and PromptSmooth + AS under Gaussian "
+                        "noise (sigma 0.25), certified by randomized smoothing; writes robustness.json and a figure")
+    p.add_argument("--sigma", type=float, default=0.25, help="noise level of --robustness (default 0.25)")
     p.add_argument("--ablation", choices=("shots", "ctx"),
                    help="instead of the table: the paper's study of shots (1-16) or context tokens (4-24) for CoOp-CE "
                         "and CalibPrompt (3 seeds unless --seeds); writes ablation.json and a figure")
@@ -86,6 +90,13 @@ def _pretrain(args) -> int:
 def _demo(args) -> int:
     from calibprompt.demo import run_demo
 
+    if args.robustness:
+        from calibprompt.demo.robustness import run_robustness
+
+        done = run_robustness(args.out, dataset=args.dataset, seeds=args.seeds, config=args.config, model=args.model,
+                              quiet=args.quiet, sigma=args.sigma)
+        emit(args, {k: done[k] for k in ("rows", "paired", "settings", "figure")}, done["text"])
+        return 0
     if args.ablation:
         from calibprompt.demo.ablation import run_ablation
 

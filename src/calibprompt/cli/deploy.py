@@ -60,8 +60,12 @@ def _predict(args: argparse.Namespace) -> int:
                             cache_dir=args.cache_dir, progress=not args.quiet)
     text = render(records, "json" if args.json else args.format)
     if args.out:
+        from calibprompt.cli.output import emit_json
+
         atomic_write_text(Path(args.out), text)
-        if not args.quiet:
+        if args.json:
+            emit_json({"out": str(args.out), "predictions": len(records)})
+        elif not args.quiet:
             print(f"wrote {len(records)} predictions to {args.out}", file=sys.stderr)
     else:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")

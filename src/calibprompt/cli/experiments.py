@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 
 from calibprompt.cli.output import emit
 
@@ -130,7 +129,7 @@ def _sweep(args) -> int:
     summary = run_sweep(grid, args.out, store_url=args.store, executor=args.executor, ray_address=args.ray_address,
                         cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run,
                         max_in_flight=args.max_in_flight, cache_dir=args.cache_dir, jobs=args.jobs,
-                        retry_failed=not args.no_retry_failed, log=None if args.quiet else _err)
+                        retry_failed=not args.no_retry_failed, log=_status)
     done = summary.to_dict()
     emit(args, done, "sweep " + ", ".join(f"{k} {v}" for k, v in done.items() if isinstance(v, (int, float, str)))
          + f"\nreport: calibprompt report {args.out}")
@@ -145,7 +144,7 @@ def _report(args) -> int:
     metrics = tuple(m.strip() for m in args.metrics.split(",") if m.strip())
     if args.format:
         text = render(collect(args.dir, args.store, args.convention), args.format, metrics)
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        emit(args, {"format": args.format, "text": text}, text)  # --json: the table inside a JSON document
         return 0
     paths = write_report(args.dir, store_url=args.store, metrics=metrics, convention=args.convention,
                          report_dir=args.out, diagrams=not args.no_diagrams, self_contained=args.self_contained)
@@ -164,7 +163,7 @@ def _tune(args) -> int:
                      executor=args.executor, ray_address=args.ray_address, cpus_per_run=args.cpus_per_run,
                      gpus_per_run=args.gpus_per_run, max_in_flight=args.max_in_flight, cache_dir=args.cache_dir,
                      jobs=args.jobs,
-                     default_trial=not args.no_default_trial, log=None if args.quiet else _err)
+                     default_trial=not args.no_default_trial, log=_status)
     lines = []
     for cell in tuned["cells"]:
         values = ", ".join(f"{k}={v}" for k, v in cell["set"].items())
@@ -176,5 +175,9 @@ def _tune(args) -> int:
     return 0
 
 
-def _err(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _status(message: str) -> None:
+    """Sweep and tuning status lines: INFO records of the calibprompt logger (stderr at -v / default, the
+    folder's log.txt always; -q silences them on stderr)."""
+    from calibprompt.progress import log
+
+    log.info(message)

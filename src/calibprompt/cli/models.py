@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from calibprompt.cli.output import emit_json
+
 import argparse
-import json
 
 COLUMNS = (("name", "name"), ("family", "family"), ("library", "library"), ("ctx", "context_length"),
            ("D_tok", "token_dim"), ("embed", "embed_dim"), ("warm-up lr", "warmup_lr"),
@@ -24,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = list_backbones()
     if args.json:
-        print(json.dumps(rows, indent=2))
+        emit_json(rows)
         return 0
     cells = [[_cell(row[key]) for _, key in COLUMNS] for row in rows]
     widths = [max(len(title), *(len(c[i]) for c in cells)) for i, (title, _) in enumerate(COLUMNS)]

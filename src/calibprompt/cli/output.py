@@ -43,12 +43,17 @@ def log_level(args: argparse.Namespace) -> int:
     return logging.INFO if quiet == 0 else logging.WARNING if quiet == 1 else logging.ERROR
 
 
+def emit_json(result: Any) -> None:
+    """``result`` as one strict JSON document on stdout (NaN and infinities as null)."""
+    from calibprompt.settings import strict_json
+
+    print(json.dumps(strict_json(result), indent=2, default=str))
+
+
 def emit(args: argparse.Namespace, result: Any, text: str | Callable[[], str]) -> None:
     """Print ``result`` as JSON under ``--json``, else the human ``text``."""
     if getattr(args, "json", False):
-        from calibprompt.settings import strict_json
-
-        print(json.dumps(strict_json(result), indent=2, default=str))
+        emit_json(result)
     else:
         body = text() if callable(text) else text
         if body:

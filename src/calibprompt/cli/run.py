@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+from calibprompt.cli.output import emit_json
+
 
 
 def register(sub) -> None:
@@ -83,7 +84,7 @@ def _methods(args) -> int:
 
     methods = list_methods()
     if args.json:
-        print(json.dumps(methods, indent=2))
+        emit_json(methods)
         return 0
     from calibprompt.methods import posthoc_suffixes
 

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 
 from calibprompt.demo.config import load_demo_config, parse_seeds
-from calibprompt.demo.report import table_lines
+from calibprompt.demo.report import replace_section, table_lines
 from calibprompt.reporting.ablation import ablation_plot
 from calibprompt.reporting.claims import ablation_claims
 from calibprompt.reporting.stats import t_interval
-from calibprompt.settings import atomic_write_json, atomic_write_text
+from calibprompt.settings import atomic_write_json
 
 # The paper's context lengths go to 32; the micro model's text encoder holds 32 tokens in all, so 32 context
 # tokens plus start, class name, "." and end do not fit: its study stops at 24.
@@ -110,16 +110,4 @@ def _write_section(out: Path, axis: str, key: str, rows: list[dict], claims: lis
              f"![ablation {axis}]({figure.relative_to(out)})", "", "Mean ± std over seeds; the band in the figure "
              "is the 95% t-interval. The paper's statement about this axis, checked on these numbers:", ""]
     lines += [f"- {c['statement']}: **{c['verdict']}** ({c['evidence']})" for c in claims] + ["", marker]
-    section = "\n".join(lines)
-    report = out / "report.md"
-    if not report.is_file():
-        atomic_write_text(out / f"ablation_{axis}.md", section + "\n")
-        return
-    text = report.read_text()
-    if marker in text:
-        head, _, rest = text.partition(marker)
-        _, _, tail = rest.partition(marker)
-        text = head + section + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(report, text)
+    replace_section(out, marker, "\n".join(lines), f"ablation_{axis}.md")

@@ -295,3 +295,20 @@ def _kept_sections(path: Path) -> list[str]:
     import re
 
     return [m.group(0) + "\n" for m in re.finditer(r"<!-- ablation:(\w+) -->.*?<!-- ablation:\1 -->", path.read_text(), re.S)]
+
+
+def replace_section(out: Path, marker: str, section: str, fallback: str) -> None:
+    """Put ``section`` (which starts and ends with ``marker``) into ``out/report.md``, replacing an earlier
+    one with the same marker; without a report.md (the demo table never ran there) into ``out/fallback``."""
+    report = out / "report.md"
+    if not report.is_file():
+        atomic_write_text(out / fallback, section + "\n")
+        return
+    text = report.read_text()
+    if marker in text:
+        head, _, rest = text.partition(marker)
+        _, _, tail = rest.partition(marker)
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    atomic_write_text(report, text)

@@ -93,13 +93,17 @@ class Features:
 def encode(cache: FeatureCache, backbone, dataset, method: Method, resolved: dict, eval_sets: Sequence[Sequence],
            train: Sequence, fits: bool, progress: bool) -> Features:
     """Every feature the run needs, in one encoder stream (one padded batch)."""
-    views = augment_views(resolved["train"]) if method.train_views == "augmented" else None
+    views = augment_views(resolved["train"]) if method.train_views in ("augmented", "noisy") else None
+    noise = None
+    if method.train_views == "noisy":  # PromptSmooth: Gaussian pixel noise on every training view
+        tr = resolved["train"]
+        noise = method.train_noise(int(tr["n_views"] or tr["epochs"]))
     needs_train = fits and method.train_views != "none"
     if views is not None and needs_train and len(train):
         warn_small_crops(dataset, train[0], backbone.preprocess.crop_scale[0])
     evals, train_views = cache.run_features(backbone, dataset, list(eval_sets), train if needs_train else (),
                                             n_views=views, aug_seed=int(resolved["train"]["aug_seed"]),
-                                            progress=progress)
+                                            progress=progress, train_noise=noise)
     return Features(evals, train_views)
 
 

@@ -207,7 +207,11 @@ def _intervals(logits: torch.Tensor, labels: np.ndarray, resolved: dict, seed: i
         return None
     ci = bootstrap_ci(["ece", "accuracy"], logits.double().numpy(), labels, n_resamples=n, seed=seed,
                       n_bins=int(resolved["eval"]["n_bins"]))
-    return {"level": 0.95, "method": "percentile", "n_resamples": n, **{k: list(v) for k, v in ci.items()}}
+    from calibprompt.metrics import calibration_metrics
+
+    point = calibration_metrics(logits.double().numpy(), labels, n_bins=int(resolved["eval"]["n_bins"]))
+    return {"level": 0.95, "method": "percentile", "n_resamples": n, "convention": "standard",
+            "point": {k: float(point[k]) for k in ci}, **{k: list(v) for k, v in ci.items()}}
 
 
 def _evaluate(logits: torch.Tensor, labels: np.ndarray, out_dir: Path, resolved: dict) -> tuple[dict, dict]:

@@ -32,31 +32,54 @@ def enabled(tracking: dict | None) -> bool:
 def _client(tracking: dict):
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=str(tracking["mlflow"]))
+    uri = str(tracking["mlflow"])
+    client = MlflowClient(tracking_uri=uri)
     name = tracking.get("experiment") or "calibprompt"
     found = client.get_experiment_by_name(name)
-    return client, found.experiment_id if found is not None else client.create_experiment(name)
+    if found is not None:
+        return client, found.experiment_id
+    return client, client.create_experiment(name, artifact_location=artifact_location(uri))
+
+
+def artifact_location(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: beside a SQLite store's file (``DB.artifacts/``), not in
+    ``./mlruns`` of whatever folder the command ran in; a server (http, databricks) decides for itself."""
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):]).expanduser().absolute()
+        return (db.parent / f"{db.stem}.artifacts").as_uri()
+    return None
 
 
 def start_sweep(tracking: dict | None, name: str, sweep_id: str, params: dict[str, Any]) -> str | None:
-    """The MLflow parent run of a sweep (None without MLflow)."""
+    """The MLflow parent run of a sweep (None without MLflow, or with a note when MLflow fails: the sweep
+    goes on, its runs then mirror without a parent)."""
     if not (tracking and tracking.get("mlflow")):
         return None
-    client, experiment = _client(tracking)
-    parent = client.create_run(experiment, run_name=f"sweep {name}", tags={"calibprompt.sweep_id": sweep_id})
-    for key, value in params.items():
-        client.log_param(parent.info.run_id, key, str(value)[:6000])
+    try:
+        client, experiment = _client(tracking)
+        parent = client.create_run(experiment, run_name=f"sweep {name}", tags={"calibprompt.sweep_id": sweep_id})
+        for key, value in params.items():
+            client.log_param(parent.info.run_id, key, str(value)[:6000])
+    except Exception as err:  # noqa: BLE001 - a mirror, not the record
+        note(f"tracking: MLflow at {tracking['mlflow']} failed to open the sweep's run ({type(err).__name__}: {err})")
+        return None
     return parent.info.run_id
 
 
-def end_sweep(tracking: dict | None, parent: str | None, counts: dict[str, Any]) -> None:
+def end_sweep(tracking: dict | None, parent: str | None, counts: dict[str, Any] | None) -> None:
+    """Close the parent run: FINISHED, FAILED when a run failed, KILLED when the sweep stopped (``counts``
+    None). A failure is a note."""
     if parent is None:
         return
-    client, _ = _client(tracking)
-    for key, value in counts.items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            client.log_metric(parent, f"runs_{key}", float(value))
-    client.set_terminated(parent, "FAILED" if counts.get("failed") else "FINISHED")
+    try:
+        client, _ = _client(tracking)
+        for key, value in (counts or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                client.log_metric(parent, f"runs_{key}", float(value))
+        status = "KILLED" if counts is None else "FAILED" if counts.get("failed") else "FINISHED"
+        client.set_terminated(parent, status)
+    except Exception as err:  # noqa: BLE001
+        note(f"tracking: MLflow at {tracking['mlflow']} failed to close the sweep's run ({type(err).__name__}: {err})")
 
 
 def mirror_run(result: dict, run_dir: str | Path, tracking: dict | None, parent: str | None = None) -> dict:

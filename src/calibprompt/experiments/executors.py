@@ -73,49 +73,83 @@ class LocalExecutor:
 
 
 class ProcessExecutor:
-    """``jobs`` worker processes on this machine; ``next_result`` waits for whichever task ends first."""
+    """``jobs`` worker processes on this machine; ``next_result`` waits for whichever task ends first.
+
+    A worker that dies (out of memory, a crash in native code) breaks the shared pool and every task in
+    it; each of those tasks is then run again alone, in a process of its own, so only the one that
+    crashes again fails and the sweep goes on."""
 
     name = "process"
 
     def __init__(self, jobs: int) -> None:
-        import multiprocessing
         import os
-        from concurrent.futures import ProcessPoolExecutor
 
-        if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-            raise ValueError(f"--jobs must be a whole number >= 1, got {jobs!r}")
+        check_jobs(jobs)
         self.parallelism = jobs
         self.threads = max(1, (os.cpu_count() or 1) // jobs)
+        self._pool = self._new_pool(jobs)
+        self._inflight: dict = {}  # future -> (tag, fn, payload, its own pool when run alone, else None)
+
+    @staticmethod
+    def _new_pool(workers: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
         # spawn, not fork: a forked child of a process that has started torch's thread pools can hang
-        self._pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"))
-        self._inflight: dict = {}
+        return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
 
     def submit(self, fn: Callable[[dict], Any], payload: dict, tag: Any) -> None:
-        self._inflight[self._pool.submit(call, fn, payload)] = tag
+        if getattr(self._pool, "_broken", False):
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = self._new_pool(self.parallelism)
+        self._inflight[self._pool.submit(call, fn, payload)] = (tag, fn, payload, None)
 
     def pending(self) -> int:
         return len(self._inflight)
 
     def next_result(self) -> tuple[Any, Outcome]:
         from concurrent.futures import FIRST_COMPLETED, wait
+        from concurrent.futures.process import BrokenProcessPool
 
-        done, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
-        future = next(iter(done))
-        tag = self._inflight.pop(future)
-        try:
-            outcome = future.result()
-        except Exception as err:  # noqa: BLE001 - a worker that died (out of memory, killed)
-            outcome = Outcome(False, None, f"worker process: {type(err).__name__}: {err}")
-        return tag, outcome
+        while True:
+            done, _ = wait(list(self._inflight), return_when=FIRST_COMPLETED)
+            future = next(iter(done))
+            tag, fn, payload, alone = self._inflight.pop(future)
+            try:
+                return tag, future.result()
+            except BrokenProcessPool as err:
+                if alone is None:  # a suspect: run it again on its own
+                    pool = self._new_pool(1)
+                    self._inflight[pool.submit(call, fn, payload)] = (tag, fn, payload, pool)
+                    continue
+                return tag, Outcome(False, None, f"the worker process running this task died ({err}); "
+                                                 "out of memory or a crash in native code")
+            except Exception as err:  # noqa: BLE001 - anything else the pool reports
+                return tag, Outcome(False, None, f"worker process: {type(err).__name__}: {err}")
+            finally:
+                if alone is not None:
+                    alone.shutdown(wait=False)
 
     def task_options(self) -> dict:
         return {"threads": self.threads}
 
     def close(self) -> None:
-        for future in self._inflight:
+        stopping = bool(self._inflight)  # interrupted: do not wait for the runs still going
+        for future, (_tag, _fn, _payload, alone) in self._inflight.items():
             future.cancel()
+            if alone is not None:
+                alone.shutdown(wait=not stopping, cancel_futures=True)
         self._inflight.clear()
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool.shutdown(wait=not stopping, cancel_futures=True)
+
+
+def check_jobs(jobs: int, executor: str = "process") -> None:
+    """``--jobs`` is a whole number >= 1 and goes with the local / process executors only."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"--jobs must be a whole number >= 1, got {jobs!r}")
+    if executor == "ray" and jobs != 1:
+        raise ValueError("--jobs runs cells in processes on this machine; with --executor ray set --cpus-per-run / "
+                         "--max-in-flight instead")
 
 
 class RayExecutor:
@@ -136,7 +170,8 @@ class RayExecutor:
         self._ray = ray
         self._owns = False
         if not ray.is_initialized():
-            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING"}
+            # log_to_driver off: workers' output must not reach this process's stdout (--json)
+            kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": False}
             if address:
                 kwargs["address"] = address
             elif num_cpus:
@@ -195,15 +230,12 @@ def _ray_call(fn: Callable[[dict], Any], payload: dict) -> Outcome:
 
 def make_executor(name: str = "local", *, ray_address: str | None = None, cpus_per_run: float = 1.0,
                   gpus_per_run: float = 0.0, max_in_flight: int | None = None, jobs: int = 1):
-    if name == "local" and jobs != 1:
-        name = "process"
-    if name == "process":
-        if gpus_per_run:
-            raise ValueError("--gpus-per-run applies to --executor ray; with --jobs set device (e.g. --device cuda)")
+    check_jobs(jobs, name)
+    if name in ("local", "process") and gpus_per_run:
+        raise ValueError("--gpus-per-run applies to --executor ray; for local runs set device (e.g. --device cuda)")
+    if name == "process" or (name == "local" and jobs != 1):
         return ProcessExecutor(jobs)
     if name == "local":
-        if gpus_per_run:
-            raise ValueError("--gpus-per-run applies to --executor ray; for local runs set device (e.g. --device cuda)")
         return LocalExecutor()
     if name == "ray":
         return RayExecutor(ray_address, cpus_per_run, gpus_per_run, max_in_flight)

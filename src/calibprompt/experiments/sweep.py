@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from calibprompt.experiments.executors import make_executor
+from calibprompt.experiments.executors import check_jobs, make_executor
 from calibprompt.experiments.grid import Grid, RunSpec
 from calibprompt.experiments.store import ResultStore, default_url, public_url
 from calibprompt.experiments.tasks import execute_run
@@ -86,6 +86,7 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     out_dir = Path(out_dir).absolute()
+    check_jobs(jobs, executor)
     specs = grid.expand()  # every config is validated before anything runs
     with folder_lock(out_dir, ".sweep.lock"), folder_log(out_dir):
         previous = read_sweep_file(out_dir) or {}
@@ -123,12 +124,15 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
                                                                  "out": str(out_dir)})
             mirror = (lambda result, run_dir: mirror_run(result, run_dir, tracking, parent)) \
                 if enabled(tracking) else None
-            if todo:
-                _execute(todo, store, sweep_id, summary, cache_root, log, executor, ray_address, cpus_per_run,
-                         gpus_per_run, max_in_flight, jobs, mirror)
-            counts = store.counts(sweep_id, [s.config_hash for s in specs])
-            summary.done, summary.failed = counts["done"], counts["failed"]
-            end_sweep(tracking, parent, counts)
+            counts = None
+            try:
+                if todo:
+                    _execute(todo, store, sweep_id, summary, cache_root, log, executor, ray_address, cpus_per_run,
+                             gpus_per_run, max_in_flight, jobs, mirror)
+                counts = store.counts(sweep_id, [s.config_hash for s in specs])
+                summary.done, summary.failed = counts["done"], counts["failed"]
+            finally:
+                end_sweep(tracking, parent, counts)  # KILLED when the sweep stopped early
         finally:
             store.close()
     summary.seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -63,12 +64,17 @@ class FeatureCache:
         self.hits = 0
         self.writable = True  # False after a failed write (full or read-only disk)
         self._dirs: set[Path] = set()  # shard folders known to exist (one mkdir each, not one per file)
+        self._locks: dict = {}  # weights -> the encode FileLock of this cache
 
     # ---- keys ---------------------------------------------------------------------------------
     @staticmethod
-    def key(weights: str, transform: dict, content: str, view: int | None, aug_seed: int) -> str:
-        return sha256_json({"weights": weights, "transform": transform, "content": content,
-                            "view": view, "aug_seed": aug_seed if view is not None else None})
+    def key(weights: str, transform: dict, content: str, view: int | None, aug_seed: int,
+            noise: Noise | None = None) -> str:
+        fields = {"weights": weights, "transform": transform, "content": content,
+                  "view": view, "aug_seed": aug_seed if view is not None else None}
+        if noise is not None:  # a noisy view; clean features keep the keys they always had
+            fields["noise"] = {"sigma": float(noise.sigma), "seed": int(noise.seed), "draw": int(noise.draw)}
+        return sha256_json(fields)
 
     def _path(self, weights: str, key: str) -> Path:
         return self.root / weights[:16] / key[:2] / f"{key}.safetensors"
@@ -83,21 +89,41 @@ class FeatureCache:
 
     def run_features(self, backbone: Backbone, dataset, eval_sets: Sequence[Sequence], train: Sequence = (),
                      n_views: int | None = None, aug_seed: int = 0, batch_size: int | None = None,
-                     progress: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
+                     progress: bool = False, train_noise: Sequence[Noise] | None = None
+                     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """What one run needs, in one encoder stream (so at most one padded batch): the features of each
         of ``eval_sets`` (test transform) and the training views of ``train``, shaped (N, V, D):
-        ``n_views`` augmented views, or with ``n_views=None`` the test-transform feature (V = 1)."""
-        views = [None] if n_views is None else list(range(n_views))
-        groups = [(s, None) for s in eval_sets] + ([(train, v) for v in views] if len(train) else [])
+        ``n_views`` augmented views, or with ``n_views=None`` the test-transform feature (V = 1).
+        ``train_noise``: one :class:`Noise` per training view (V = its length), on the augmented view
+        (``n_views`` given) or on the test-transform image (``n_views=None``)."""
+        if train_noise is not None:
+            views = list(range(len(train_noise))) if n_views is not None else [None] * len(train_noise)
+            train_groups = [(train, v, noise) for v, noise in zip(views, train_noise)]
+        else:
+            views = [None] if n_views is None else list(range(n_views))
+            train_groups = [(train, v) for v in views]
+        groups = [(s, None) for s in eval_sets] + (train_groups if len(train) else [])
         feats = self.prefetch(backbone, dataset, groups, aug_seed=aug_seed, batch_size=batch_size,
                               progress=progress)
         dim = backbone.info.embed_dim
         train_views = torch.stack(feats[len(eval_sets):], dim=1) if len(train) else torch.empty(0, len(views), dim)
         return feats[: len(eval_sets)], train_views
 
-    def prefetch(self, backbone: Backbone, dataset, groups: Sequence[tuple[Sequence, int | None]],
+    def noisy_features(self, backbone: Backbone, dataset, samples: Sequence, sigma: float, draws: Sequence[int],
+                       seed: int = 0, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+        """(N, len(draws), D) features of ``samples`` (test transform) with Gaussian pixel noise ``sigma``,
+        draws ``draws`` of noise stream ``seed``: each (image, sigma, seed, draw) is encoded once and cached,
+        so certification draws, noisy training views and repeated sweeps share them."""
+        groups = [(samples, None, Noise(float(sigma), int(seed), int(d))) for d in draws]
+        feats = self.prefetch(backbone, dataset, groups, batch_size=batch_size, progress=progress)
+        dim = backbone.info.embed_dim
+        return torch.stack(feats, dim=1) if feats else torch.empty(len(samples), 0, dim)
+
+    def prefetch(self, backbone: Backbone, dataset, groups: Sequence[tuple],
                  aug_seed: int = 0, batch_size: int | None = None, progress: bool = False) -> list[torch.Tensor]:
-        """Features of several ``(samples, view)`` groups at once: ``[features(samples, view), ...]``.
+        """Features of several ``(samples, view)`` or ``(samples, view, noise)`` groups at once:
+        ``[features(samples, view), ...]``; ``noise`` (a :class:`Noise`) adds Gaussian pixel noise, seeded
+        per image from the cache key, so a noisy view is the same in every process and run.
 
         Every missing feature of every group is encoded in one stream of batches, so a caller that
         needs e.g. the test set and the training set pays for one padded batch instead of two."""
@@ -105,13 +131,13 @@ class FeatureCache:
         dim = backbone.info.embed_dim
         descs = {False: backbone.preprocess.describe(False), True: backbone.preprocess.describe(True)}
         out: list[list[torch.Tensor | None]] = []
-        todo: list[tuple[int, int, object, str, bool]] = []  # (group, index, sample, key, train)
-        for g, (samples, view) in enumerate(groups):
-            train = view is not None
-            keys = [self.key(weights, descs[train], dataset.content_hash(s), view, aug_seed) for s in samples]
+        todo: list[tuple] = []  # (group, index, sample, key, train, noise)
+        for g, (samples, view, *rest) in enumerate(groups):
+            train, noise = view is not None, (rest[0] if rest else None)
+            keys = [self.key(weights, descs[train], dataset.content_hash(s), view, aug_seed, noise) for s in samples]
             found = [self._lookup(weights, k, dim) for k in keys]
             out.append(found)
-            todo += [(g, i, samples[i], keys[i], train) for i, f in enumerate(found) if f is None]
+            todo += [(g, i, samples[i], keys[i], train, noise) for i, f in enumerate(found) if f is None]
         if todo:
             with self._encode_lock(weights):
                 todo = self._still_missing(todo, out, weights, dim)
@@ -127,9 +153,11 @@ class FeatureCache:
         from filelock import FileLock
 
         try:
-            folder = self.root / weights[:16]
-            folder.mkdir(parents=True, exist_ok=True)
-            lock = FileLock(str(folder / ".encode.lock"))
+            lock = self._locks.get(weights)
+            if lock is None:  # one instance per weights: a FileLock instance is re-entrant, two are not
+                folder = self.root / weights[:16]
+                folder.mkdir(parents=True, exist_ok=True)
+                lock = self._locks[weights] = FileLock(str(folder / ".encode.lock"))
             lock.acquire()
         except OSError:
             yield
@@ -143,7 +171,7 @@ class FeatureCache:
         """The ``todo`` entries that another process has not written meanwhile (those are filled in)."""
         left = []
         for entry in todo:
-            g, i, _sample, key, _train = entry
+            g, i, key = entry[0], entry[1], entry[3]
             found = self._lookup(weights, key, dim)
             if found is None:
                 left.append(entry)
@@ -156,13 +184,17 @@ class FeatureCache:
         device = next(backbone.parameters()).device
         trains = {t[4] for t in todo}
         what = "augmented views" if trains == {True} else ("test images" if trains == {False} else "images")
+        if any(t[5] is not None for t in todo):
+            what = "noisy views"
         bar = make_progress(len(todo), f"encoding {what}", progress)
         chunks = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         # Every batch has exactly ``batch_size`` rows (zero-padded): the encoder's output for one image
         # changes in the last bits with the batch size, so without padding a cached feature would depend
         # on which other images happened to be missing, i.e. on the order in which runs executed.
         builder = BatchBuilder(dataset, backbone.preprocess,
-                               [[Item(t[2], t[4], view_seed(t[3]) if t[4] else None) for t in chunk] for chunk in chunks],
+                               [[Item(t[2], t[4], view_seed(t[3]) if t[4] else None,
+                                      None if t[5] is None else (t[5].sigma, view_seed(t[3] + ":noise")))
+                                 for t in chunk] for chunk in chunks],
                                batch_size, dtype=backbone.dtype)
         pin = device.type == "cuda"
         batches = auto_batches(builder, device, self.loader_kind, pin) if self.workers == "auto" else \
@@ -185,7 +217,7 @@ class FeatureCache:
                 feats = backbone.encode_image(pixels.to(device, non_blocking=True)).float().cpu()
             feats = feats[: len(chunk)]
             self.encoded += len(chunk)
-            for (g, i, _, key, _), feat in zip(chunk, feats):
+            for (g, i, _, key, *_), feat in zip(chunk, feats):
                 feat = feat.clone()  # own storage: a cached row must not keep its whole batch alive
                 out[g][i] = feat
                 self._store(weights, key, feat, write)
@@ -300,6 +332,16 @@ def _write_bytes(path: Path, data: bytes) -> None:
 def _digest(feat: torch.Tensor) -> str:
     """sha256 of a feature's float32 bytes: detects a flipped byte anywhere in a cached file."""
     return hashlib.sha256(feat.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Gaussian pixel noise of a view: standard deviation ``sigma`` on the [0, 1] image, the noise stream
+    ``seed`` and the ``draw`` index within it (the pixels' generator is seeded from the whole cache key)."""
+
+    sigma: float
+    seed: int = 0
+    draw: int = 0
 
 
 def view_seed(view_key: str) -> int:

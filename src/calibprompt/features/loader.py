@@ -30,11 +30,24 @@ KINDS = ("process", "thread")
 
 @dataclass(frozen=True)
 class Item:
-    """One image of a batch: the dataset sample, whether it is a training view, and the view's seed."""
+    """One image of a batch: the dataset sample, whether it is a training view, the view's seed, and
+    Gaussian pixel noise ``(sigma, seed)`` to add (None: a clean image)."""
 
     sample: object
     train: bool
     seed: int | None
+    noise: tuple[float, int] | None = None
+
+
+def add_pixel_noise(pixels: torch.Tensor, sigma: float, seed: int, mean, std) -> torch.Tensor:
+    """``normalise(denormalise(x) + sigma * eps)``, eps ~ N(0, I) from a generator seeded with ``seed``: noise
+    of standard deviation ``sigma`` on the [0, 1]-scaled image after resizing and cropping, not clamped
+    (PromptSmooth's and Cohen et al.'s noise model; the certified radius is an l2 radius in that space)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    eps = torch.randn(pixels.shape, generator=gen, dtype=torch.float32)
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+    return ((pixels.float() * s + m) + float(sigma) * eps - m) / s
 
 
 def auto_workers(n_batches: int, device: torch.device | str = "cpu", build_s: float | None = None,
@@ -82,10 +95,16 @@ class BatchBuilder(torch.utils.data.Dataset):
         """The same builder without its first ``start`` batches."""
         return BatchBuilder(self.dataset, self.preprocess, self.batches[start:], self.batch_size, self.dtype)
 
+    def _row(self, it: Item) -> torch.Tensor:
+        pixels = self.preprocess.apply(self.dataset.load(it.sample), it.train, it.seed)
+        if it.noise is not None:
+            pixels = add_pixel_noise(pixels, it.noise[0], it.noise[1], self.preprocess.mean, self.preprocess.std)
+        return pixels
+
     def __getitem__(self, c: int):
         try:
             items = self.batches[c]
-            rows = [self.preprocess.apply(self.dataset.load(it.sample), it.train, it.seed) for it in items]
+            rows = [self._row(it) for it in items]
             pixels = torch.stack(rows)
             if len(rows) < self.batch_size:
                 pixels = torch.cat([pixels, pixels.new_zeros((self.batch_size - len(rows), *pixels.shape[1:]))])

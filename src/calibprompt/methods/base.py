@@ -74,7 +74,8 @@ class Method:
     formula: ClassVar[str] = ""
     reference: ClassVar[str] = ""  # paper and public code the recipe follows
     params: ClassVar[dict[str, Any]] = {}
-    #: "augmented": training views per the ``train:`` section; "clean": test-transform features only
+    #: "augmented": training views per the ``train:`` section; "clean": test-transform features only;
+    #: "noisy": augmented views with Gaussian pixel noise (``train_noise(n_views)``, PromptSmooth)
     train_views: ClassVar[str] = "augmented"
     trains: ClassVar[bool] = True
     takes_losses: ClassVar[bool] = True

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from calibprompt.losses import build_objective, get_loss
 from calibprompt.losses.registry import LOSSES
-from calibprompt.methods import clap, clip_adapter, coop, coop_auto, linear_probe, lp_plus_plus, tip_adapter, zeroshot  # noqa: F401
+from calibprompt.methods import clap, clip_adapter, coop, coop_auto, linear_probe, lp_plus_plus, promptsmooth, tip_adapter, zeroshot  # noqa: F401
 from calibprompt.methods.base import METHODS, Method
 
 
@@ -69,6 +69,11 @@ class _Preset:
     build: Callable[..., list[dict[str, Any]]]
     note: str = ""
     kind: str = "coop"
+
+
+def _kind_preset(kind: str) -> _Preset:
+    """The preset of a Method kind under its own name: its formula, CE unless ``method.losses`` says otherwise."""
+    return _Preset(METHODS[kind].formula, {}, lambda: [_term("CE")], kind=kind)
 
 
 _A, _G, _L = {"alpha": 0.1}, {"gamma": 3.0}, {"lambda_as": 1.0}
@@ -164,12 +169,23 @@ PRESETS: dict[str, _Preset] = {
         lambda lambda_tmm: [_term("CE"), _term("TEXT_MOMENT_MATCHING", lambda_tmm)],
     ),
     "coop-ce-mmv": _Preset("CE + margin mean-variance", {}, lambda: [_term("CE"), _term("MARGIN_MEAN_VAR")]),
+    "promptsmooth": _Preset(
+        "CE on Gaussian-noised views (few-shot PromptSmooth; method.sigmas, method.noise_seed)", {},
+        lambda: [_term("CE")], kind="promptsmooth",
+        note="Certify with `calibprompt certify`; --tta adds the test-time (zero-shot) step (docs/robustness.md)."),
+    "promptsmooth-as": _Preset(
+        "CE + lambda_as * AS on Gaussian-noised views (PromptSmooth + angular separation)", _L,
+        lambda lambda_as: [_term("CE"), _term("AS", lambda_as)], kind="promptsmooth"),
+    "promptsmooth-calibprompt": _Preset(
+        "CE + SMAC(alpha) + lambda_as * AS on Gaussian-noised views", {**_A, **_L},
+        lambda alpha, lambda_as: [_term("CE"), _term("SMAC", alpha=alpha), _term("AS", lambda_as)],
+        kind="promptsmooth"),
     "linear-probe-smac": _Preset("linear probe on CE + SMAC(alpha)", _A,
                                  lambda alpha: [_term("CE"), _term("SMAC", alpha=alpha)], kind="linear-probe"),
 }
 
 for _kind in ("linear-probe", "zs-lp", "lp++", "clap", "tip-adapter", "tip-adapter-f", "clip-adapter"):
-    PRESETS[_kind] = _Preset(METHODS[_kind].formula, {}, lambda: [_term("CE")], kind=_kind)
+    PRESETS[_kind] = _kind_preset(_kind)
 
 
 def _split_posthoc(name: str) -> tuple[str, str | None]:
@@ -196,7 +212,7 @@ def resolve_method(name: str, **params: Any) -> MethodSpec:
 
         load_plugins()  # a plug-in package may register the method
         if base in METHODS:  # a registered Method kind without a preset: its own name, CE by default
-            PRESETS[base] = _Preset(METHODS[base].formula, {}, lambda: [_term("CE")], kind=base)
+            PRESETS[base] = _kind_preset(base)
         base, posthoc = _split_posthoc(name.strip().lower())
     if base not in PRESETS:
         raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(PRESETS)} "
@@ -272,7 +288,7 @@ def list_methods() -> list[dict[str, Any]]:
 
     load_plugins()
     for kind in METHODS:  # plug-in Method kinds without a preset of their own
-        PRESETS.setdefault(kind, _Preset(METHODS[kind].formula, {}, lambda: [_term("CE")], kind=kind))
+        PRESETS.setdefault(kind, _kind_preset(kind))
     out = []
     for name, p in PRESETS.items():
         cls = METHODS[p.kind]

@@ -222,12 +222,14 @@ INTERVAL_COLUMNS = ("shots", "backbone", "dataset", "method", "variant", "seed",
 
 def interval_rows(collection: Collection) -> list[list]:
     """One row per finished run that recorded them: its test ECE and accuracy with their 95% bootstrap
-    interval over the test images (fractions)."""
+    interval over the test images (fractions, the standard convention whatever the report's)."""
     rows = []
     for g in collection.groups:
         by_seed = dict(zip(g.seeds, zip(g.values.get("ece", []), g.values.get("accuracy", []))))
         for ci in g.intervals:
             ece, acc = by_seed.get(ci["seed"], (float("nan"), float("nan")))
+            if "point" in ci:  # the values the interval was computed around
+                ece, acc = ci["point"]["ece"], ci["point"]["accuracy"]
             rows.append([g.shots, g.backbone, g.dataset, g.method, g.variant, ci["seed"], ece, *ci["ece"],
                          acc, *ci["accuracy"], ci["n_resamples"]])
     return rows
