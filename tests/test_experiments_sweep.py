@@ -122,6 +122,10 @@ def test_ray_executor_gives_identical_results(setup, local_sweep, ray_instance):
                 (local_sweep["out"] / "runs" / row["run_id"] / "predictions.csv").read_text()
         else:
             assert "does not exist" in other["error"]
+    # one encoding per image across Ray's workers too: they fill one cache folder under its encode lock
+    encoded = {name: sum(json.loads(p.read_text())["images_encoded"] for p in (o / "runs").glob("*/metrics.json"))
+               for name, o in (("local", local_sweep["out"]), ("ray", out))}
+    assert encoded["ray"] == encoded["local"] > 0, encoded
     print(f"\nsweep wall time: local {TIMES['local']:.1f} s, ray {TIMES['ray']:.1f} s "
           f"(+ {TIMES['ray_start']:.1f} s ray.init)")
 

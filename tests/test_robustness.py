@@ -82,6 +82,10 @@ def test_bad_settings_are_clear_errors():
         check_settings(0.25, 0.001, n0=200, n=100)
 
 
+#: the key of a clean feature as calibprompt 0.2 computed it (before noisy views existed)
+CLEAN_KEY = "7d961a46e3e6fce2f4de70b69f0d7f48a567e8d61e2e4895f4151acb11629de8"
+
+
 # ------------------------------------------------------------------------------------------ end to end
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -134,19 +138,27 @@ def test_certify_promptsmooth_end_to_end(setup, capsys):
     for part in ("smoothed_votes", "single_draw", "clean"):
         assert 0.0 <= report[part]["ece"] <= 1.0
     rows = (out / "certify.csv").read_text().splitlines()
-    assert len(rows) == 13 and rows[0].startswith("idx,image,label,predict,radius")
+    assert len(rows) == 13 and rows[0].startswith("idx,image,label,predict,radius,correct,selected,n_top,n")
     assert (out / "certified_accuracy.png").stat().st_size > 1000
-    # the radius in the CSV is the pure function of the vote counts
+    # every row's radius, or its abstention, is the pure function of the selected class's vote count
     for row in rows[1:]:
         fields = row.split(",")
+        expected = certified_radius(int(fields[7]), int(fields[8]), 0.25, 0.01)
         if fields[4]:
-            assert float(fields[4]) == pytest.approx(certified_radius(int(fields[6]), 20, 0.25, 0.01), rel=1e-12)
+            assert float(fields[4]) == pytest.approx(expected, rel=1e-12) and int(fields[3]) == int(fields[6])
+        else:
+            assert math.isnan(expected) and fields[3] == "-1"
+    assert report["certificate"].startswith("randomized smoothing")
     # a second certification (more radii) reuses the run and every noisy view
     assert main(args + ["--radii", "0,0.1"]) == 0
     again = json.loads(capsys.readouterr().out)
     assert again["noisy_views_encoded"] == 0 and set(again["certified_accuracy"]) == {"0.0", "0.1"}
     run = json.loads((out / "run" / "metrics.json").read_text())
     assert run["config"]["resolved_method"]["kind"] == "promptsmooth"
+    # another method on the same images and sigma: its certification encodes no noisy view either
+    other = _config(setup, "ps-plain", {"name": "promptsmooth", "sigmas": [0.25]})
+    assert main(["certify", str(other), "--out", str(setup["root"] / "certify-ps2"), *args[4:]]) == 0
+    assert json.loads(capsys.readouterr().out)["noisy_views_encoded"] == 0
 
 
 def test_test_time_step_for_prompts_and_zero_shot(setup, capsys):
@@ -160,6 +172,51 @@ def test_test_time_step_for_prompts_and_zero_shot(setup, capsys):
     assert main(["certify", str(zs), "--out", str(setup["root"] / "tta-zs"), *common]) == 0
     zero = json.loads(capsys.readouterr().out)
     assert zero["method"] == "zeroshot" and 0.0 <= zero["smoothed_accuracy"] <= 1.0
+    assert zero["certificate"].startswith("heuristic")  # the prompt depends on the certified input
+    lp = _config(setup, "lp", {"name": "linear-probe", "C": 1.0})
+    assert main(["certify", str(lp), "--out", str(setup["root"] / "tta-lp"), *common]) == 2
+    assert "learns none" in capsys.readouterr().err
+    assert not (setup["root"] / "tta-lp" / "run").exists()  # refused before training
+
+
+def test_the_test_time_step_lowers_the_entropy_and_restarts_for_every_image(setup):
+    from calibprompt.backbones import load_backbone
+    from calibprompt.methods.prompt_learner import PromptLearner
+    from calibprompt.robustness.tta import TTASettings, average_entropy, tuned_text_features
+
+    backbone = load_backbone({"path": str(setup["model"])})
+    learner = PromptLearner(backbone, ["normal", "tumor"], n_ctx=4, generator=torch.Generator().manual_seed(0))
+    start = learner.ctx.detach().clone()
+    gen = torch.Generator().manual_seed(3)
+    copies = [torch.randn(16, backbone.info.embed_dim, generator=gen) for _ in range(2)]
+    scale = float(backbone.logit_scale)
+    settings = TTASettings(copies=16, steps=3, lr=0.05)
+    before = learner.text_features(backbone).detach()
+    tuned = tuned_text_features(backbone, learner, start, copies[0], scale, settings)
+    assert not torch.allclose(tuned, before)
+    feats = torch.nn.functional.normalize(copies[0], dim=-1)
+    assert average_entropy(scale * feats @ tuned.t()) < average_entropy(scale * feats @ before.t())
+    assert torch.equal(learner.ctx.detach(), start)  # the learner's own prompt is never moved
+    # each image starts afresh: the order in which images are tuned does not matter
+    second_then_first = [tuned_text_features(backbone, learner, start, c, scale, settings) for c in copies[::-1]]
+    assert torch.equal(second_then_first[1], tuned)
+
+
+def test_pixel_noise_has_std_sigma_on_the_unit_image_and_clean_keys_do_not_change():
+    from calibprompt.features import FeatureCache, Noise
+    from calibprompt.features.loader import add_pixel_noise
+
+    for mean, std in (((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)), ((0.5862,), (0.2757,))):
+        m, s = torch.tensor(mean).view(-1, 1, 1), torch.tensor(std).view(-1, 1, 1)
+        unit = torch.full((len(mean), 96, 96), 0.4)
+        noisy = add_pixel_noise((unit - m) / s, 0.25, seed=11, mean=mean, std=std)
+        added = noisy * s + m - unit
+        assert abs(float(added.std()) - 0.25) < 0.005 and abs(float(added.mean())) < 0.005
+        assert torch.equal(noisy, add_pixel_noise((unit - m) / s, 0.25, seed=11, mean=mean, std=std))
+    # a clean feature's key is what it was before noisy views existed: caches from earlier versions stay valid
+    assert FeatureCache.key("w", {"t": 1}, "c", None, 0) == CLEAN_KEY
+    keys = {FeatureCache.key("w", {"t": 1}, "c", None, 0, Noise(0.25, 1, 0, stream)) for stream in ("train", "certify", "tta")}
+    assert len(keys) == 3 and CLEAN_KEY not in keys
 
 
 def test_certify_refuses_bad_input(setup, capsys):

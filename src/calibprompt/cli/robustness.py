@@ -62,6 +62,9 @@ def _certify(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     cfg = load_config(args.config, overrides)
     method = resolve(cfg)["resolved_method"]
+    if args.tta and method["kind"] != "zeroshot" and not METHODS[method["kind"]].uses_text_tower:
+        raise ValueError(f"--tta tunes a prompt at test time; method {method['name']!r} learns none (use a "
+                         "prompt-learning method, or method: zeroshot for zero-shot PromptSmooth)")
     if METHODS[method["kind"]].train_views != "noisy" and not (args.tta or args.allow_clean):
         raise ValueError(f"method {method['name']!r} was not trained under noise: use promptsmooth, promptsmooth-as or "
                          "promptsmooth-calibprompt, add --tta (PromptSmooth's test-time step), or pass --allow-clean "

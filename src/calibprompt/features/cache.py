@@ -73,7 +73,8 @@ class FeatureCache:
         fields = {"weights": weights, "transform": transform, "content": content,
                   "view": view, "aug_seed": aug_seed if view is not None else None}
         if noise is not None:  # a noisy view; clean features keep the keys they always had
-            fields["noise"] = {"sigma": float(noise.sigma), "seed": int(noise.seed), "draw": int(noise.draw)}
+            fields["noise"] = {"sigma": float(noise.sigma), "seed": int(noise.seed), "draw": int(noise.draw),
+                               "stream": noise.stream}
         return sha256_json(fields)
 
     def _path(self, weights: str, key: str) -> Path:
@@ -110,11 +111,12 @@ class FeatureCache:
         return feats[: len(eval_sets)], train_views
 
     def noisy_features(self, backbone: Backbone, dataset, samples: Sequence, sigma: float, draws: Sequence[int],
-                       seed: int = 0, batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+                       seed: int = 0, batch_size: int | None = None, progress: bool = False,
+                       stream: str = "certify") -> torch.Tensor:
         """(N, len(draws), D) features of ``samples`` (test transform) with Gaussian pixel noise ``sigma``,
         draws ``draws`` of noise stream ``seed``: each (image, sigma, seed, draw) is encoded once and cached,
         so certification draws, noisy training views and repeated sweeps share them."""
-        groups = [(samples, None, Noise(float(sigma), int(seed), int(d))) for d in draws]
+        groups = [(samples, None, Noise(float(sigma), int(seed), int(d), stream)) for d in draws]
         feats = self.prefetch(backbone, dataset, groups, batch_size=batch_size, progress=progress)
         dim = backbone.info.embed_dim
         return torch.stack(feats, dim=1) if feats else torch.empty(len(samples), 0, dim)
@@ -336,12 +338,14 @@ def _digest(feat: torch.Tensor) -> str:
 
 @dataclass(frozen=True)
 class Noise:
-    """Gaussian pixel noise of a view: standard deviation ``sigma`` on the [0, 1] image, the noise stream
-    ``seed`` and the ``draw`` index within it (the pixels' generator is seeded from the whole cache key)."""
+    """Gaussian pixel noise of a view: standard deviation ``sigma`` on the [0, 1] image, the noise ``seed``,
+    the ``draw`` index and what the draws are for (``stream``: "train", "certify", "tta"), so streams
+    never share a draw whatever their seeds; the pixels' generator is seeded from the whole cache key."""
 
     sigma: float
     seed: int = 0
     draw: int = 0
+    stream: str = "certify"
 
 
 def view_seed(view_key: str) -> int:

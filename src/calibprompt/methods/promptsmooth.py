@@ -44,4 +44,4 @@ class PromptSmooth(CoOp):
     def train_noise(self, n_views: int) -> list[Noise]:
         """The noise of each of ``n_views`` training views."""
         sigmas = self.hparams["sigmas"]
-        return [Noise(sigmas[v % len(sigmas)], int(self.hparams["noise_seed"]), v) for v in range(n_views)]
+        return [Noise(sigmas[v % len(sigmas)], int(self.hparams["noise_seed"]), v, "train") for v in range(n_views)]

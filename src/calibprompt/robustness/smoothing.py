@@ -37,7 +37,7 @@ class CertifySettings:
     max_images: int | None = None  # certify a class-balanced subset of the test images (the original: 500)
     tta: TTASettings | None = None  # PromptSmooth's test-time step before certifying each image
     allow_clean: bool = False  # certify a method that was not trained under noise (a baseline)
-    chunk: int = 64  # images whose noisy views are held in memory at once
+    max_rows: int = 1 << 20  # noisy features held in memory at once (images per chunk = max_rows // draws)
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -47,6 +47,9 @@ class CertifySettings:
             raise ValueError(f"max_images must be a whole number >= 1, got {self.max_images!r}")
         if self.tta is not None:
             self.tta.check()
+
+    def images_per_chunk(self) -> int:
+        return max(1, self.max_rows // (self.n0 + self.n))
 
 
 def certify_run(run_dir: str | Path, settings: CertifySettings, out_dir: str | Path | None = None,
@@ -81,6 +84,7 @@ def certify_run(run_dir: str | Path, settings: CertifySettings, out_dir: str | P
     head, _meta = load_head(run_dir / "head.safetensors", num_classes=len(dataset.classnames))
     head = head.to(device)
     learner, start_ctx = (_learner(resolved, run_dir, backbone, dataset, device) if settings.tta else (None, None))
+    calibrator = _posthoc(result)
     encoded = cache.encoded
     m = settings.n0 + settings.n
     k = len(dataset.classnames)
@@ -89,12 +93,13 @@ def certify_run(run_dir: str | Path, settings: CertifySettings, out_dir: str | P
     from calibprompt.progress import progress as make_progress
 
     bar = make_progress(len(samples), "certifying images", progress)
-    for lo in range(0, len(samples), settings.chunk):
-        chunk = samples[lo: lo + settings.chunk]
+    step = settings.images_per_chunk()  # memory stays flat whatever n is (Cohen et al.: n = 100,000)
+    for lo in range(0, len(samples), step):
+        chunk = samples[lo: lo + step]
         feats = cache.noisy_features(backbone, dataset, chunk, settings.sigma, range(m), seed=settings.noise_seed)
         if learner is not None:
             copies = cache.noisy_features(backbone, dataset, chunk, settings.sigma, range(settings.tta.copies),
-                                          seed=settings.noise_seed + TTA_STREAM)
+                                          seed=settings.noise_seed, stream=TTA_STREAM)
             logits = torch.stack([_tta_logits(backbone, learner, start_ctx, copies[i], feats[i], head.scale,
                                               settings.tta, device) for i in range(len(chunk))])
         else:
@@ -104,7 +109,7 @@ def certify_run(run_dir: str | Path, settings: CertifySettings, out_dir: str | P
         for j in range(len(chunk)):
             selection[lo + j] = np.bincount(votes[j, : settings.n0], minlength=k)
             estimation[lo + j] = np.bincount(votes[j, settings.n0:], minlength=k)
-        single[lo: lo + len(chunk)] = logits[:, settings.n0].double().numpy()
+        single[lo: lo + len(chunk)] = _calibrated(logits[:, settings.n0], calibrator)
         if bar is not None:
             bar.update(len(chunk))
     if bar is not None:
@@ -114,8 +119,24 @@ def certify_run(run_dir: str | Path, settings: CertifySettings, out_dir: str | P
                      int(resolved["eval"]["n_bins"]))
     report.update({"seconds": time.perf_counter() - start, "noisy_views_encoded": cache.encoded - encoded,
                    "versions": versions(device), "run_dir": str(run_dir)})
-    _write(out_dir, report, samples, labels, pred, radius, estimation, single)
+    _write(out_dir, report, samples, labels, pred, radius, selection.argmax(axis=1), estimation, single)
     return report
+
+
+def _posthoc(result: dict):
+    """The run's fitted post-hoc calibrator (``+ts`` and the like), or None: single-draw probabilities are
+    calibrated the way the run's own test predictions were, so their metrics compare with ``clean``."""
+    state = (result.get("posthoc") or {}).get("state")
+    if not state:
+        return None
+    from calibprompt.calibration import calibrator_from_dict
+
+    return calibrator_from_dict(state, "the run's post-hoc calibrator")
+
+
+def _calibrated(logits: torch.Tensor, calibrator) -> np.ndarray:
+    z = logits.double().numpy()
+    return np.asarray(calibrator.transform(z), dtype=np.float64) if calibrator is not None else z
 
 
 def _split(resolved: dict, run_dir: Path):
@@ -191,8 +212,14 @@ def _report(result: dict, resolved: dict, settings: CertifySettings, samples, la
         "method": resolved["resolved_method"]["name"], "method_kind": resolved["resolved_method"]["kind"],
         "run_id": result.get("run_id"), "seed": result.get("seed"), "dataset": result.get("dataset"),
         "backbone": result.get("backbone"), "n_images": int(len(samples)),
-        "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("tta", "extra", "chunk")},
+        "settings": {**{k: v for k, v in asdict(settings).items() if k not in ("tta", "extra", "max_rows")},
                      "radii": radii, "tta": asdict(settings.tta) if settings.tta else None},
+        # with the test-time step the base classifier depends on the input it certifies, which Cohen et al.'s
+        # guarantee does not cover (as in PromptSmooth's own zero-shot results)
+        "certificate": "randomized smoothing (Cohen et al.)" if settings.tta is None else
+        "heuristic: the test-time step tunes the prompt on noisy copies of the input, so the base classifier "
+        "is not fixed and the radius is not a proven certificate",
+        "posthoc": (result.get("posthoc") or {}).get("name"),
         "certified_accuracy": {str(r): v for r, v in certified_accuracy(pred, radius, labels, radii).items()},
         "certified_accuracy_strict": {str(r): v for r, v in
                                       certified_accuracy(pred, radius, labels, radii, strict=True).items()},
@@ -206,7 +233,7 @@ def _report(result: dict, resolved: dict, settings: CertifySettings, samples, la
     }
 
 
-def _write(out_dir: Path, report: dict, samples, labels, pred, radius, estimation, single) -> None:
+def _write(out_dir: Path, report: dict, samples, labels, pred, radius, top, estimation, single) -> None:
     import csv
     import io
 
@@ -214,12 +241,11 @@ def _write(out_dir: Path, report: dict, samples, labels, pred, radius, estimatio
     probs = torch.softmax(torch.from_numpy(single), dim=1).numpy()
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["idx", "image", "label", "predict", "radius", "correct", "n_top", "n",
+    writer.writerow(["idx", "image", "label", "predict", "radius", "correct", "selected", "n_top", "n",
                      "single_draw_predict", "single_draw_confidence"])
     for i, s in enumerate(samples):
-        top = int(pred[i])
-        writer.writerow([i, s.ref, int(labels[i]), top, "" if np.isnan(radius[i]) else repr(float(radius[i])),
-                         int(top == labels[i]), int(estimation[i, top]) if top >= 0 else int(estimation[i].max()),
+        writer.writerow([i, s.ref, int(labels[i]), int(pred[i]), "" if np.isnan(radius[i]) else repr(float(radius[i])),
+                         int(pred[i] == labels[i]), int(top[i]), int(estimation[i, top[i]]),
                          int(estimation[i].sum()), int(probs[i].argmax()), repr(float(probs[i].max()))])
     atomic_write_text(out_dir / "certify.csv", buf.getvalue())
     atomic_write_bytes(out_dir / "certified_accuracy.png", accuracy_plot([report]))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TTA_STREAM = 7919  # added to the certification noise seed: the copies never reuse certification draws
+TTA_STREAM = "tta"  # the copies' own noise stream: they never reuse a certification or training draw
 
 
 @dataclass(frozen=True)
@@ -45,16 +45,19 @@ def average_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def tuned_text_features(backbone, learner, start: torch.Tensor, copies: torch.Tensor, scale: float,
                         settings: TTASettings) -> torch.Tensor:
-    """(K, D) normalised class features after the test-time steps on one image's (T, D) noisy copies."""
-    with torch.no_grad():
-        learner.ctx.copy_(start)
-    optimizer = torch.optim.AdamW([learner.ctx], lr=settings.lr)
+    """(K, D) normalised class features after the test-time steps on one image's (T, D) noisy copies.
+
+    The step updates a float32 copy of the context, cast to the backbone's dtype for each pass: AdamW's
+    state in half precision underflows (eps 1e-8 is 0 in fp16) and turns small gradients into inf."""
+    ctx = start.detach().float().clone().requires_grad_(True)  # a fresh prompt for every image
+    optimizer = torch.optim.AdamW([ctx], lr=settings.lr)
     feats = F.normalize(copies.float(), dim=-1)
+    dtype = learner.ctx.dtype
     for _ in range(settings.steps):
-        text = learner.text_features(backbone)
+        text = learner.text_features(backbone, ctx.to(dtype))
         loss = average_entropy(scale * feats @ text.t())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return learner.text_features(backbone).float()
+        return learner.text_features(backbone, ctx.to(dtype)).float()
