@@ -108,3 +108,21 @@ def test_main_leaves_logging_as_it_found_it():
     for argv in (["methods", "-v", "--json"], ["methods", "-qq"], ["config", "validate", "/nonexistent.yaml"]):
         main(argv)
         assert (list(logger.handlers), logger.level, logger.propagate, warnings.showwarning) == before, argv
+
+
+def test_a_note_inside_a_run_folder_log_is_shown_once(tmp_path, capsys, caplog):
+    """The folder's log.txt must not make a note appear twice on stderr (once by the CLI's handler, once
+    by logging's last resort), nor hide it from a caller that set up no logging."""
+    from calibprompt.cli import _configure_logging
+    from calibprompt.progress import folder_log, log
+
+    restore = _configure_logging(logging.INFO)
+    try:
+        with folder_log(tmp_path):
+            log.warning("check the learning rate")
+            log.debug("detail for the file only")
+    finally:
+        restore()
+    err = capsys.readouterr().err
+    assert err.count("check the learning rate") == 1 and "calibprompt: note: check the learning rate" in err
+    assert "detail" not in err and "detail for the file only" in (tmp_path / "log.txt").read_text()

@@ -140,7 +140,7 @@ def folder_log(folder: str | os.PathLike, level: int = logging.DEBUG) -> Iterato
         # last resort) only what they saw before: records below the old level must not leak to them.
         log.setLevel(level)
         if propagate:
-            forward = _Forward(threshold)
+            forward = _Forward(threshold, last_resort=not log.hasHandlers())
             log.addHandler(forward)
             log.propagate = False
     log.addHandler(handler)
@@ -156,15 +156,21 @@ def folder_log(folder: str | os.PathLike, level: int = logging.DEBUG) -> Iterato
 
 
 class _Forward(logging.Handler):
-    """Passes records at or above the logger's former level on to the root logger's handlers."""
+    """Passes records at or above the logger's former level on to the root logger's handlers, or, where
+    nothing handled calibprompt's records before (a Python caller without logging set up), to logging's
+    last resort (notes on stderr), as before the file handler was added."""
 
-    def __init__(self, threshold: int) -> None:
+    def __init__(self, threshold: int, last_resort: bool) -> None:
         super().__init__(threshold)
+        self.last_resort = last_resort
 
     def emit(self, record: logging.LogRecord) -> None:
         root = logging.getLogger()
-        if not root.disabled and root.filter(record):
-            root.callHandlers(record)
+        if root.handlers:
+            if not root.disabled and root.filter(record):
+                root.callHandlers(record)
+        elif self.last_resort and logging.lastResort is not None and record.levelno >= logging.lastResort.level:
+            logging.lastResort.handle(record)
 
 
 class FolderBusy(ValueError):
