@@ -301,6 +301,35 @@ class OpenClipBackbone(Backbone):
         proj = m.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
+    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+        """Causal towers: the prefix's hidden states (and its keys and values in every layer) are computed
+        once, from the first prompt, and each prompt's suffix (up to the last end token) attends to them;
+        tokens after the end token never reach the pooled feature. Equal to ``encode_embeddings`` up to
+        float rounding, gradients into the shared context included (tests/test_prefix_text.py)."""
+        m = self.model
+        blocks = getattr(getattr(m, "transformer", None), "resblocks", None)
+        if self.is_bert or blocks is None or not all(_plain_block(b) for b in blocks) or prefix < 1:
+            return self.encode_embeddings(embeddings, ids)
+        embeddings = embeddings.to(self._dtype)
+        end = int(ids.argmax(dim=-1).max()) + 1  # the last end token: later positions are padding
+        if end <= prefix:
+            return self.encode_embeddings(embeddings, ids)
+        pos = m.positional_embedding[:end].to(embeddings.dtype)
+        xp = embeddings[:1, :prefix] + pos[:prefix]  # (1, P, D): the same for every prompt
+        xs = embeddings[:, prefix:end] + pos[prefix:end]  # (K, S, D)
+        causal = m.attn_mask[:end, :end].to(embeddings.dtype)
+        for block in blocks:
+            hp, hs = block.ln_1(xp), block.ln_1(xs)
+            attn_p, attn_s = _prefix_attention(block.attn, hp, hs, causal[:prefix, :prefix], causal[prefix:end, :end])
+            xp = xp + block.ls_1(attn_p)
+            xs = xs + block.ls_1(attn_s)
+            xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
+            xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
+        xs = m.ln_final(xs)
+        x = xs[torch.arange(xs.shape[0], device=xs.device), ids.argmax(dim=-1) - prefix]
+        proj = m.text_projection
+        return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         missing = self.info.context_length - ids.shape[1]
         if missing > 0 and not self.is_bert:
@@ -316,3 +345,37 @@ class OpenClipBackbone(Backbone):
 def _image_size(model_cfg: dict) -> int:
     size = model_cfg.get("vision_cfg", {}).get("image_size", 224)
     return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+
+def _plain_block(block) -> bool:
+    """open_clip's standard pre-norm block with ``nn.MultiheadAttention`` (what the prefix pass mirrors)."""
+    attn = getattr(block, "attn", None)
+    return (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None
+            and attn.bias_k is None and not hasattr(block, "ln_1_kv")
+            and all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")))
+
+
+def _prefix_attention(attn: nn.MultiheadAttention, hp: torch.Tensor, hs: torch.Tensor, mask_p: torch.Tensor,
+                      mask_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-head self-attention of a shared prefix ``hp`` (1, P, D) and K suffixes ``hs`` (K, S, D) that
+    attend to it: the prefix's keys and values are projected once. Masks are additive (-inf = blocked)."""
+    import torch.nn.functional as F
+
+    d, heads = hp.shape[-1], attn.num_heads
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    qp, kp, vp = F.linear(hp, w, b).chunk(3, dim=-1)
+    qs, ks, vs = F.linear(hs, w, b).chunk(3, dim=-1)
+    k = hs.shape[0]
+
+    def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, D / heads)
+        return t.reshape(t.shape[0], t.shape[1], heads, d // heads).transpose(1, 2)
+
+    out_p = F.scaled_dot_product_attention(split(qp), split(kp), split(vp), attn_mask=mask_p)
+    keys = torch.cat([split(kp).expand(k, -1, -1, -1), split(ks)], dim=2)
+    values = torch.cat([split(vp).expand(k, -1, -1, -1), split(vs)], dim=2)
+    out_s = F.scaled_dot_product_attention(split(qs), keys, values, attn_mask=mask_s)
+
+    def merge(t: torch.Tensor) -> torch.Tensor:
+        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], d)
+
+    return attn.out_proj(merge(out_p)), attn.out_proj(merge(out_s))
