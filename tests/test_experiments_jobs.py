@@ -40,7 +40,8 @@ def test_jobs_match_one_process_and_encode_each_image_once(tmp_path, capsys):
     assert parallel.keys() == serial.keys() and len(parallel) == 4
     for run_id, result in serial.items():
         for metric in ("accuracy", "ece", "nll"):
-            assert abs(parallel[run_id]["metrics"][metric] - result["metrics"][metric]) <= 1e-6, (run_id, metric)
+            # workers run with cores / jobs torch threads, and float sums depend on the thread count
+            assert abs(parallel[run_id]["metrics"][metric] - result["metrics"][metric]) <= 1e-4, (run_id, metric)
     encoded = {jobs: sum(r["images_encoded"] for r in runs.values())
                for jobs, runs in ((2, parallel), (1, serial))}
     assert encoded[2] == encoded[1] > 0  # the second worker found on disk what the first encoded

@@ -37,3 +37,46 @@ def test_prefix_pass_equals_the_full_pass(backbone, n_ctx):
     assert grads[0].abs().max() > 0
     if backbone.info.family == "bert":  # bidirectional: the full pass, bit for bit
         assert torch.equal(feats[0], feats[1])
+
+
+def test_prompt_training_with_the_shared_prefix_matches_the_full_pass(backbone):
+    from calibprompt.losses import build_objective
+    from calibprompt.methods.prompt_training import TrainSettings, train_prompts
+
+    gen = torch.Generator().manual_seed(1)
+    views = torch.randn(8, 2, backbone.info.embed_dim, generator=gen)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    trained = []
+    for shared in (False, True):
+        learner = PromptLearner(backbone, NAMES, n_ctx=4, generator=torch.Generator().manual_seed(0))
+        settings = TrainSettings(epochs=2, batch_size=4, optimizer="adam", shared_prefix=shared)
+        result = train_prompts(backbone, learner, build_objective([{"name": "CE"}, {"name": "AS", "weight": 1.0}]),
+                               views, labels, settings, seed=3)
+        trained.append((learner.ctx.detach().clone(), result.losses))
+    assert torch.allclose(trained[0][0], trained[1][0], atol=1e-5)
+    assert trained[0][1] == pytest.approx(trained[1][1], abs=1e-5)
+
+
+@pytest.mark.parametrize("eos", [2, 49407])  # PLIP's legacy end-token rule, and transformers' current one
+def test_transformers_clip_prefix_pass_equals_the_full_pass(tmp_path, eos):
+    import json
+
+    from tests.conftest import require_shared
+    from tests.random_models import write_random_hf_clip
+
+    config = json.loads(require_shared("configs/plip/config.json").read_text())
+    config["text_config"]["eos_token_id"] = eos
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    tokenizer = require_shared("configs/clip_tokenizer/vocab.json").parent
+    folder = write_random_hf_clip(tmp_path / "plip", tmp_path / "config.json", tokenizer, seed=2)
+    bb = load_backbone({"path": str(folder)})
+    learner = PromptLearner(bb, NAMES, n_ctx=4, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for encode in (lambda e, i: bb.encode_embeddings(e, i), lambda e, i: bb.encode_shared_prefix(e, i, 5)):
+        emb, ids = learner()
+        out = encode(emb, ids)
+        text = torch.nn.functional.normalize(out.float(), dim=-1)
+        grad = torch.autograd.grad((text @ text.t()).logsumexp(dim=1).mean(), learner.ctx)[0]
+        outs.append((out.detach(), grad))
+    assert (outs[0][0] - outs[1][0]).abs().max() <= 1e-5
+    assert (outs[0][1] - outs[1][1]).abs().max() <= 1e-4 * outs[0][1].abs().max() + 1e-8

@@ -45,6 +45,7 @@ DEFAULTS: dict[str, Any] = {
         "n_views": None,  # augmented views per training image; None = one per epoch (as the paper)
         "augment": True,  # False: every epoch uses the test transform (no crop/flip)
         "aug_seed": 0,
+        "shared_prefix": True,  # causal text towers compute [SOT, ctx] once per step (docs/performance.md §8)
     },
     # bootstrap: resamples of the test images for the 95% intervals of ECE and accuracy (0: none)
     "eval": {"n_bins": 10, "batch_size": 100, "bootstrap": 1000},
@@ -62,7 +63,8 @@ DEFAULTS: dict[str, Any] = {
 }
 OFF_WHEN_NULL = {"conformal": "alpha", "selective": "target_risk"}  # left out of the run identity while off
 OPEN_SECTIONS = ("backbone", "data", "method")
-NOT_HASHED = ("device", "cache_dir", "name", "encode", "eval.bootstrap", "tracking")  # none of them changes a result
+NOT_HASHED = ("device", "cache_dir", "name", "encode", "eval.bootstrap", "tracking",
+              "train.shared_prefix")  # the shared-prefix pass equals the full one within 1e-5  # none of them changes a result
 
 
 class _Loader(yaml.SafeLoader):
@@ -161,6 +163,7 @@ SCHEMA: dict[str, tuple] = {
     "train.warmup_epochs": ("int", 0, None), "train.warmup_lr": ("float", 0, None),
     "train.optimizer": (("sgd", "adam"), None, None), "train.drop_last": ("bool", None, None),
     "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
+    "train.shared_prefix": ("bool", None, None),
     "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "eval.bootstrap": ("int", 0, None), "encode.batch_size": ("int", 1, None),
     "conformal.alpha": ("float", "(0", 0.99), "conformal.score": (("lac", "aps", "raps"), None, None),
     "conformal.lambda": ("float", 0, None), "conformal.k_reg": ("int", 0, None), "conformal.randomized": ("bool", None, None),

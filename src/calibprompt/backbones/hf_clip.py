@@ -22,6 +22,7 @@ from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
 from calibprompt.backbones.loading import (
     DTYPES, build_empty, cast_floating_, random_fill_, read_weight_files, replace_output,
 )
+from calibprompt.backbones.prefix import causal_mask, prefix_attention
 from calibprompt.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from calibprompt.backbones.weights import load_strict, write_state_dict
 
@@ -178,6 +179,38 @@ class HFClipBackbone(Backbone):
         with replace_output(self.model.text_model.embeddings.token_embedding, embeddings.to(self._dtype)):
             return self.encode_text(ids)
 
+    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+        """The causal text model with the prefix's hidden states, keys and values computed once (see
+        ``Backbone.encode_shared_prefix``); pooling follows the model's own end-token rule."""
+        tm = self.model.text_model
+        layers = getattr(getattr(tm, "encoder", None), "layers", None)
+        if layers is None or prefix < 1 or not all(_plain_layer(layer) for layer in layers):
+            return self.encode_embeddings(embeddings, ids)
+        if tm.eos_token_id == 2:  # the legacy rule (PLIP's config): the highest id is the end token
+            pool = ids.argmax(dim=-1)
+        else:
+            pool = (ids == tm.eos_token_id).int().argmax(dim=-1)
+        end = int(pool.max()) + 1
+        if end <= prefix:
+            return self.encode_embeddings(embeddings, ids)
+        embeddings = embeddings.to(self._dtype)
+        pos = tm.embeddings.position_embedding.weight[:end].to(embeddings.dtype)
+        xp = embeddings[:1, :prefix] + pos[:prefix]
+        xs = embeddings[:, prefix:end] + pos[prefix:end]
+        mask = causal_mask(end, embeddings.dtype, embeddings.device)
+        for layer in layers:
+            attn = layer.self_attn
+            hp, hs = layer.layer_norm1(xp), layer.layer_norm1(xs)
+            out_p, out_s = prefix_attention((attn.q_proj(hp), attn.k_proj(hp), attn.v_proj(hp)),
+                                            (attn.q_proj(hs), attn.k_proj(hs), attn.v_proj(hs)),
+                                            attn.num_heads, mask, scale=attn.scale)
+            xp = xp + attn.out_proj(out_p)
+            xs = xs + attn.out_proj(out_s)
+            xp = xp + layer.mlp(layer.layer_norm2(xp))
+            xs = xs + layer.mlp(layer.layer_norm2(xs))
+        xs = tm.final_layer_norm(xs)
+        return self.model.text_projection(xs[torch.arange(xs.shape[0], device=xs.device), pool - prefix])
+
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model.text_model(input_ids=ids)
         return self.model.text_projection(out.pooler_output)
@@ -190,3 +223,10 @@ class HFClipBackbone(Backbone):
 def _preprocessor_config(folder: Path) -> dict:
     path = folder / "preprocessor_config.json"
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _plain_layer(layer) -> bool:
+    """transformers' CLIPEncoderLayer layout (what the shared-prefix pass mirrors)."""
+    attn = getattr(layer, "self_attn", None)
+    return all(hasattr(layer, n) for n in ("layer_norm1", "layer_norm2", "mlp")) and attn is not None and \
+        all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "out_proj", "num_heads", "scale"))

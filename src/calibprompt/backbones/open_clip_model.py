@@ -18,10 +18,12 @@ import shutil
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
 from calibprompt.backbones.loading import DTYPES, build_empty, cast_floating_, hub_offline, read_weight_files
+from calibprompt.backbones.prefix import prefix_attention
 from calibprompt.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from calibprompt.backbones.weights import load_strict, write_state_dict
 
@@ -320,9 +322,11 @@ class OpenClipBackbone(Backbone):
         causal = m.attn_mask[:end, :end].to(embeddings.dtype)
         for block in blocks:
             hp, hs = block.ln_1(xp), block.ln_1(xs)
-            attn_p, attn_s = _prefix_attention(block.attn, hp, hs, causal[:prefix, :prefix], causal[prefix:end, :end])
-            xp = xp + block.ls_1(attn_p)
-            xs = xs + block.ls_1(attn_s)
+            w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
+            out_p, out_s = prefix_attention(F.linear(hp, w, b).chunk(3, dim=-1), F.linear(hs, w, b).chunk(3, dim=-1),
+                                            block.attn.num_heads, causal)
+            xp = xp + block.ls_1(block.attn.out_proj(out_p))
+            xs = xs + block.ls_1(block.attn.out_proj(out_s))
             xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
             xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
         xs = m.ln_final(xs)
@@ -353,29 +357,3 @@ def _plain_block(block) -> bool:
     return (isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn.in_proj_weight is not None
             and attn.bias_k is None and not hasattr(block, "ln_1_kv")
             and all(hasattr(block, name) for name in ("ln_1", "ln_2", "mlp", "ls_1", "ls_2")))
-
-
-def _prefix_attention(attn: nn.MultiheadAttention, hp: torch.Tensor, hs: torch.Tensor, mask_p: torch.Tensor,
-                      mask_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multi-head self-attention of a shared prefix ``hp`` (1, P, D) and K suffixes ``hs`` (K, S, D) that
-    attend to it: the prefix's keys and values are projected once. Masks are additive (-inf = blocked)."""
-    import torch.nn.functional as F
-
-    d, heads = hp.shape[-1], attn.num_heads
-    w, b = attn.in_proj_weight, attn.in_proj_bias
-    qp, kp, vp = F.linear(hp, w, b).chunk(3, dim=-1)
-    qs, ks, vs = F.linear(hs, w, b).chunk(3, dim=-1)
-    k = hs.shape[0]
-
-    def split(t: torch.Tensor) -> torch.Tensor:  # (B, L, D) -> (B, heads, L, D / heads)
-        return t.reshape(t.shape[0], t.shape[1], heads, d // heads).transpose(1, 2)
-
-    out_p = F.scaled_dot_product_attention(split(qp), split(kp), split(vp), attn_mask=mask_p)
-    keys = torch.cat([split(kp).expand(k, -1, -1, -1), split(ks)], dim=2)
-    values = torch.cat([split(vp).expand(k, -1, -1, -1), split(vs)], dim=2)
-    out_s = F.scaled_dot_product_attention(split(qs), keys, values, attn_mask=mask_s)
-
-    def merge(t: torch.Tensor) -> torch.Tensor:
-        return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], d)
-
-    return attn.out_proj(merge(out_p)), attn.out_proj(merge(out_s))

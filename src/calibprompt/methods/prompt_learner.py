@@ -109,10 +109,16 @@ class PromptLearner(nn.Module):
             rows.append(torch.cat(pieces, dim=1))
         return torch.cat(rows, dim=0), self.ids
 
-    def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None) -> torch.Tensor:
-        """L2-normalised class features (K, embed_dim) for the current context."""
+    def text_features(self, backbone: Backbone, ctx: torch.Tensor | None = None,
+                      shared_prefix: bool = False) -> torch.Tensor:
+        """L2-normalised class features (K, embed_dim) for the current context. ``shared_prefix``: with a
+        shared context before the class name, let a causal tower compute the start token and the context
+        once for all classes (``Backbone.encode_shared_prefix``; equal to the full pass within 1e-5)."""
         embeddings, ids = self(ctx)
         # Pooling and masks depend only on where real tokens are; moving the class tokens (front/middle)
         # keeps every sequence's length and its end-token position, so the prompt's own ids serve.
-        feats = backbone.encode_embeddings(embeddings, ids)
+        if shared_prefix and self.position == "end" and self.ctx.dim() == 2:  # shared context, not CSC
+            feats = backbone.encode_shared_prefix(embeddings, ids, 1 + self.n_ctx)
+        else:
+            feats = backbone.encode_embeddings(embeddings, ids)
         return torch.nn.functional.normalize(feats.float(), dim=-1)

@@ -39,6 +39,7 @@ class TrainSettings:
     warmup_lr: float = 1e-5
     optimizer: str = "sgd"
     drop_last: bool = True  # applied only when the training set has >= batch_size images (Dassl)
+    shared_prefix: bool = True  # causal towers: the start token and shared context once per step
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -118,7 +119,7 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
         for begin in range(0, stop, settings.batch_size):
             idx = order[begin : begin + settings.batch_size]
             feats = views[idx.to(device), schedule[epoch, idx].to(device)]
-            text = learner.text_features(backbone)
+            text = learner.text_features(backbone, shared_prefix=settings.shared_prefix)
             logits = class_logits(feats, text, scale)
             extra = {}
             if zs_text_features is not None and needs & {"zs_logits", "zs_text_features"}:
