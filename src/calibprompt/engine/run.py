@@ -111,7 +111,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     test_logits = pipeline.logits(head, test_feats, calibrator, int(resolved["eval"]["batch_size"]))
     test_labels = np.array([s.label for s in test_s])
     metrics, metrics_ref = _evaluate(test_logits, test_labels, out_dir, resolved)
-    intervals = _intervals(test_logits, test_labels, resolved, seed)
+    intervals = _intervals(test_logits, test_labels, resolved, seed, metrics)
     conformal, selective = pipeline.fit_decisions(resolved, head, calibrator, val_feats, val_s, dataset,
                                                   int(resolved["eval"]["batch_size"]))
     test_probs = torch.softmax(test_logits.double(), dim=1).numpy()
@@ -197,9 +197,10 @@ def _decision_metrics(probs: np.ndarray, labels: np.ndarray, conformal, selectiv
     return out
 
 
-def _intervals(logits: torch.Tensor, labels: np.ndarray, resolved: dict, seed: int) -> dict | None:
+def _intervals(logits: torch.Tensor, labels: np.ndarray, resolved: dict, seed: int, metrics: dict) -> dict | None:
     """95% percentile-bootstrap intervals of the test ECE and accuracy (``eval.bootstrap`` resamples of the
-    test images, generator seeded by the run's seed); None when ``eval.bootstrap`` is 0."""
+    test images, generator seeded by the run's seed) around ``metrics`` (the run's standard-convention
+    values); None when ``eval.bootstrap`` is 0."""
     from calibprompt.metrics import bootstrap_ci
 
     n = int(resolved["eval"].get("bootstrap", 0))
@@ -207,11 +208,8 @@ def _intervals(logits: torch.Tensor, labels: np.ndarray, resolved: dict, seed: i
         return None
     ci = bootstrap_ci(["ece", "accuracy"], logits.double().numpy(), labels, n_resamples=n, seed=seed,
                       n_bins=int(resolved["eval"]["n_bins"]))
-    from calibprompt.metrics import calibration_metrics
-
-    point = calibration_metrics(logits.double().numpy(), labels, n_bins=int(resolved["eval"]["n_bins"]))
     return {"level": 0.95, "method": "percentile", "n_resamples": n, "convention": "standard",
-            "point": {k: float(point[k]) for k in ci}, **{k: list(v) for k, v in ci.items()}}
+            "point": {k: float(metrics[k]) for k in ci}, **{k: list(v) for k, v in ci.items()}}
 
 
 def _evaluate(logits: torch.Tensor, labels: np.ndarray, out_dir: Path, resolved: dict) -> tuple[dict, dict]:

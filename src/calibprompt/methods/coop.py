@@ -31,11 +31,7 @@ class CoOp(Method):
     uses_text_tower = True
 
     def learner(self, ctx: FitContext) -> PromptLearner:
-        p = ctx.prompt_cfg
-        gen = torch.Generator().manual_seed(int(ctx.seed))  # the context draws its own seeded stream
-        return PromptLearner(ctx.backbone, ctx.classnames, n_ctx=int(p["n_ctx"]), init=p["init"],
-                             position=p["position"], csc=bool(p["csc"]), init_std=float(p["init_std"]),
-                             generator=gen).to(ctx.device)
+        return PromptLearner.from_config(ctx.backbone, ctx.classnames, ctx.prompt_cfg, ctx.seed).to(ctx.device)
 
     def fit(self, ctx: FitContext) -> FitResult:
         learner = self.learner(ctx)

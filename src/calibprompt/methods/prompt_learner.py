@@ -82,6 +82,14 @@ class PromptLearner(nn.Module):
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + n_ctx :].clone(), persistent=False)
 
+    @classmethod
+    def from_config(cls, backbone: Backbone, classnames: list[str], prompt_cfg: dict, seed: int) -> "PromptLearner":
+        """The learner of a run config's ``prompt:`` section, its random context drawn from its own
+        generator seeded with ``seed`` (the run's seed)."""
+        p = prompt_cfg
+        return cls(backbone, classnames, n_ctx=int(p["n_ctx"]), init=p["init"], position=p["position"],
+                   csc=bool(p["csc"]), init_std=float(p["init_std"]), generator=torch.Generator().manual_seed(int(seed)))
+
     @property
     def n_classes(self) -> int:
         return len(self.classnames)

@@ -9,6 +9,7 @@ n0..n0+n-1 estimate; the single-draw predictions are those of draw n0.
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -172,9 +173,7 @@ def _learner(resolved: dict, run_dir: Path, backbone, dataset, device):
     p = resolved["prompt"]
     prompt_file = run_dir / "prompt.safetensors"
     if prompt_file.is_file():
-        learner = PromptLearner(backbone, list(dataset.classnames), n_ctx=int(p["n_ctx"]), init=p["init"],
-                                position=p["position"], csc=bool(p["csc"]), init_std=float(p["init_std"]),
-                                generator=torch.Generator().manual_seed(0))
+        learner = PromptLearner.from_config(backbone, list(dataset.classnames), p, seed=0)  # ctx replaced below
         start = load_file(str(prompt_file))["ctx"]
     elif resolved["resolved_method"]["kind"] == "zeroshot":
         words = p["init"] or dataset.template.split("{}")[0].strip()
@@ -235,7 +234,6 @@ def _report(result: dict, resolved: dict, settings: CertifySettings, samples, la
 
 def _write(out_dir: Path, report: dict, samples, labels, pred, radius, top, estimation, single) -> None:
     import csv
-    import io
 
     out_dir.mkdir(parents=True, exist_ok=True)
     probs = torch.softmax(torch.from_numpy(single), dim=1).numpy()
@@ -271,7 +269,7 @@ def accuracy_plot(reports: list[dict], labels: list[str] | None = None) -> bytes
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
     plt.close(fig)
