@@ -38,37 +38,49 @@ def step_seconds(backbone, learner, prefix: bool, rounds: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def main(argv=None) -> int:
+def measure(backbone, k: int, n_ctx: int = 16, rounds: int = 7) -> dict:
+    """Median text step (forward + backward into the context) of the full pass and of the shared-prefix pass
+    for the first ``k`` class names of :data:`WORDS`, with the FLOP ratio the issue expects."""
     from calibprompt.methods.prompt_learner import PromptLearner
+
+    learner = PromptLearner(backbone, WORDS[:k], n_ctx=n_ctx, generator=torch.Generator().manual_seed(0))
+    ends = learner.ids.argmax(dim=-1).float()
+    s = float((ends - learner.n_ctx).mean())  # suffix tokens: class name, ".", end token
+    expected = (1 + n_ctx + s * k) / (k * (1 + n_ctx + s))
+    step_seconds(backbone, learner, False, 1)  # warm-up
+    step_seconds(backbone, learner, True, 1)
+    full = step_seconds(backbone, learner, False, rounds)
+    pre = step_seconds(backbone, learner, True, rounds)
+    return {"K": k, "n_ctx": n_ctx, "suffix_tokens": s, "full_s": full, "prefix_s": pre, "speedup": full / pre,
+            "flop_ratio_expected": expected, "speedup_expected": 1 / expected}
+
+
+def causal_text_models() -> dict:
+    """Random-weight open_clip models with causal text towers: the micro model and ViT-B/32 (PLIP's and
+    QuiltNet's architecture), from the shared configs."""
     from calibprompt.pretrain.model import micro_model_cfg
     from calibprompt.settings import shared_file
     from tests.random_models import random_open_clip_backbone
 
+    torch.manual_seed(0)
+    return {"micro": random_open_clip_backbone(micro_model_cfg(patch_size=7), "micro").eval(),
+            "vit-b-32": random_open_clip_backbone(
+                json.loads(Path(shared_file("configs/open_clip/ViT-B-32.json")).read_text()), "vit-b-32").eval()}
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
-    torch.manual_seed(0)
-    models = {"micro": random_open_clip_backbone(micro_model_cfg(patch_size=7), "micro").eval(),
-              "vit-b-32": random_open_clip_backbone(
-                  json.loads(Path(shared_file("configs/open_clip/ViT-B-32.json")).read_text()), "vit-b-32").eval()}
     rows = []
-    for name, backbone in models.items():
+    for name, backbone in causal_text_models().items():
         for k in (2, 9, 20):
-            learner = PromptLearner(backbone, WORDS[:k], n_ctx=16, generator=torch.Generator().manual_seed(0))
-            ids = learner.ids
-            ends = ids.argmax(dim=-1).float()
-            s = float((ends - learner.n_ctx).mean())  # suffix tokens: class name, ".", end token
-            n = learner.n_ctx
-            expected = (1 + n + s * k) / (k * (1 + n + s))
-            step_seconds(backbone, learner, False, 1)  # warm-up
-            full = step_seconds(backbone, learner, False, args.rounds)
-            pre = step_seconds(backbone, learner, True, args.rounds)
-            rows.append({"model": name, "K": k, "n_ctx": n, "suffix_tokens": s, "full_s": full, "prefix_s": pre,
-                         "speedup": full / pre, "flop_ratio_expected": expected,
-                         "speedup_expected": 1 / expected})
-            print(f"{name:>9} K={k:2d}: text step full {1000 * full:7.1f} ms, shared prefix {1000 * pre:7.1f} ms, "
-                  f"speedup {full / pre:4.2f} (FLOP ratio {expected:.2f}, i.e. up to {1 / expected:.2f}x)")
+            row = {"model": name, **measure(backbone, k, 16, args.rounds)}
+            rows.append(row)
+            print(f"{name:>9} K={k:2d}: text step full {1000 * row['full_s']:7.1f} ms, shared prefix "
+                  f"{1000 * row['prefix_s']:7.1f} ms, speedup {row['speedup']:4.2f} (FLOP ratio "
+                  f"{row['flop_ratio_expected']:.2f}, i.e. up to {row['speedup_expected']:.2f}x)")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2) + "\n")
     return 0

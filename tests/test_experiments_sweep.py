@@ -166,7 +166,7 @@ def test_resume_after_a_crash_mid_grid(setup, local_sweep, monkeypatch):
 
     monkeypatch.setattr(training, "train_prompts", crashing)
     with pytest.raises(_Crash):
-        run_sweep(grid, out, cache_dir=cache, log=None)
+        run_sweep(grid, out, cache_dir=cache, log=None, batch=1)  # runs alone (test_sweep_batched: together)
     monkeypatch.setattr(training, "train_prompts", real)
 
     rows = _rows(out)
@@ -180,13 +180,18 @@ def test_resume_after_a_crash_mid_grid(setup, local_sweep, monkeypatch):
     (stray / "metrics.json").write_text(json.dumps({"status": "done", "config_hash": "f" * 64}))
     mtimes = [(out / "runs" / s.run_id / "metrics.json").stat().st_mtime_ns for s in specs[:2]]
 
-    summary = run_sweep(grid, out, cache_dir=cache, log=None)
+    summary = run_sweep(grid, out, cache_dir=cache, log=None, batch=1)
     assert (summary.skipped, summary.executed, summary.done, summary.failed) == (2, 2, 4, 0)
     assert [(out / "runs" / s.run_id / "metrics.json").stat().st_mtime_ns for s in specs[:2]] == mtimes
     rows, reference = _rows(out), _rows(local_sweep["out"])
-    for s in specs:  # the interrupted grid ends with exactly the numbers of an uninterrupted one
+    for s in specs:  # the interrupted grid ends with the numbers of an uninterrupted (batched) one
         assert rows[s.config_hash]["status"] == "done"
-        assert rows[s.config_hash]["metrics"] == reference[s.config_hash]["metrics"]
+        ours, theirs = rows[s.config_hash]["metrics"], reference[s.config_hash]["metrics"]
+        assert ours.keys() == theirs.keys()
+        # AURC ranks the confidences: rounding can swap two near-tied ones of this random model (1e-4 jumps)
+        off = {k: (ours[k], theirs[k]) for k in ours
+               if ours[k] != pytest.approx(theirs[k], abs=1e-3 if "aurc" in k else 1e-4, nan_ok=True)}
+        assert not off
     assert rows[specs[2].config_hash]["attempts"] == 2
 
     # a done row whose metrics.json vanished runs again; a finished file the store missed is recovered
@@ -194,7 +199,7 @@ def test_resume_after_a_crash_mid_grid(setup, local_sweep, monkeypatch):
     store = ResultStore.for_dir(out)
     store.mark_running(read_sweep_file(out)["sweep_id"], specs[1].config_hash)
     store.close()
-    summary = run_sweep(grid, out, cache_dir=cache, log=None)
+    summary = run_sweep(grid, out, cache_dir=cache, log=None, batch=1)
     assert (summary.skipped, summary.recovered, summary.executed, summary.done) == (2, 1, 1, 4)
 
 

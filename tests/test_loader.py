@@ -106,10 +106,10 @@ def test_encode_config_is_checked_and_not_part_of_the_run_identity(tmp_path):
     base = {"backbone": {"name": "micro-medmnist"}, "data": {"source": "folder", "path": str(tmp_path)}}
     path = tmp_path / "run.yaml"
     path.write_text(json.dumps(base))
-    assert load_config(path)["encode"] == {"workers": "auto", "batch_size": 32}
+    assert load_config(path)["encode"] == {"workers": "auto", "batch_size": 32, "amp": "none"}
     assert config_hash(load_config(path, ["encode.workers=0"])) == config_hash(load_config(path, ["encode.workers=3"]))
     assert resolve(load_config(path, ["encode.workers=2"]))["encode"]["workers"] == 2
-    for bad in ("encode.workers=-1", "encode.workers=many", "encode.workers=1.5", "encode.batch_size=0",
+    for bad in ("encode.workers=-1", "encode.workers=many", "encode.workers=1.5", "encode.batch_size=0", "encode.amp=fp8",
                 "encode.loader=fast"):
         with pytest.raises(ConfigError, match="encode"):
             resolve(load_config(path, [bad]))

@@ -56,6 +56,7 @@ def _run_benchmark(args: argparse.Namespace, log=print) -> dict:
         _setup(s)
         _engine(s)
         _reference(s)
+        _prefix(s)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(s.workdir, ignore_errors=True)
@@ -157,6 +158,19 @@ def _reference(s: SimpleNamespace) -> None:
     s.ref.seconds = sum(s.ref.per_config_seconds)
 
 
+def _prefix(s: SimpleNamespace) -> None:
+    """The shared-prefix text pass on a causal tower (ViT-B/32's, PLIP's and QuiltNet's; the benchmark's
+    BiomedCLIP text tower is bidirectional and keeps the full pass): one text step at K = 9 (the
+    NCT-CRC-HE classes) and the run's n_ctx, full pass against shared prefix."""
+    s.prefix = None
+    if s.args.no_prefix:
+        return
+    from benchmarks.bench_prefix import causal_text_models, measure
+
+    s.log("shared-prefix text pass (ViT-B/32 text tower, K = 9) ...")
+    s.prefix = measure(causal_text_models()["vit-b-32"], 9, s.args.n_ctx, rounds=5)
+
+
 def _summary(s: SimpleNamespace) -> dict:
     """The comparison, as the result dict (also printed)."""
     args, log = s.args, s.log
@@ -227,6 +241,9 @@ def _summary(s: SimpleNamespace) -> dict:
             "engine_batched_text_tokens": s.bat.text_tokens,
         })
         out["memory"]["engine_batched"] = s.bat.memory
+    if s.prefix is not None:
+        out["prefix_text_speedup"] = s.prefix["speedup"]
+        out["prefix_text"] = s.prefix
     if s.device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(s.device)
     report(out, log)
@@ -277,6 +294,11 @@ def report(r: dict, log=print) -> None:
             f"sweep_speedup {r['sweep_speedup_batched']:.2f}x, overhead_ratio {r['overhead_ratio_batched']:.3f} "
             f"({iso['batched_steps']} steps x {iso['batched_step_seconds']:.3f} s isolated); training "
             f"{r['batched_vs_sequential_training']:.2f}x faster than sequential")
+    if "prefix_text_speedup" in r:
+        p = r["prefix_text"]
+        log(f"prefix_text_speedup {r['prefix_text_speedup']:.2f}x  (ViT-B/32 text tower, K={p['K']}, n_ctx {p['n_ctx']}: "
+            f"step {1000 * p['full_s']:.0f} ms full, {1000 * p['prefix_s']:.0f} ms shared prefix; FLOP ratio "
+            f"{p['flop_ratio_expected']:.2f}, i.e. up to {p['speedup_expected']:.2f}x)")
     log(f"persistent cache: a second process reads every feature from disk in {r['warm_disk_cache_seconds']:.2f} s "
         f"({r['warm_disk_cache_images_encoded']} images encoded)")
     ok = r["max_metric_diff"] <= 1e-4

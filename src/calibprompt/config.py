@@ -53,7 +53,7 @@ DEFAULTS: dict[str, Any] = {
     "cache_dir": None,  # feature cache root; None = $CALIBPROMPT_CACHE or ~/.cache/calibprompt
     # image encoding: processes decoding images beside the encoder (0 = in its thread; "auto" decides
     # from the first batch) and images per encoder batch (docs/performance.md)
-    "encode": {"workers": "auto", "batch_size": 32},
+    "encode": {"workers": "auto", "batch_size": 32, "amp": "none"},
     # decisions fitted on the validation shots after the post-hoc calibrator (docs/deploy.md): split
     # conformal prediction sets at level alpha (null: off), and abstention for a target risk (null: off)
     "conformal": {"alpha": None, "score": "aps", "lambda": 0.001, "k_reg": 1, "randomized": True, "by_class": False},
@@ -165,6 +165,7 @@ SCHEMA: dict[str, tuple] = {
     "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
     "train.shared_prefix": ("bool", None, None),
     "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "eval.bootstrap": ("int", 0, None), "encode.batch_size": ("int", 1, None),
+    "encode.amp": (("none", "bf16", "fp16"), None, None),
     "conformal.alpha": ("float", "(0", 0.99), "conformal.score": (("lac", "aps", "raps"), None, None),
     "conformal.lambda": ("float", 0, None), "conformal.k_reg": ("int", 0, None), "conformal.randomized": ("bool", None, None),
     "conformal.by_class": ("bool", None, None),
@@ -406,6 +407,9 @@ def config_hash(resolved: dict) -> str:
         section, _, key = dotted.partition(".")
         if key and isinstance(kept.get(section), dict):
             kept[section] = {k: v for k, v in kept[section].items() if k != key}
+    amp = (resolved.get("encode") or {}).get("amp", "none")
+    if amp != "none":  # mixed-precision features are other features: another run (fp32 runs keep their identity)
+        kept["encode.amp"] = amp
     return sha256_json(kept)
 
 

@@ -29,27 +29,49 @@ def _entries(root: Path) -> list[Path]:
     return sorted(root.rglob("*.safetensors"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "swap"])
-def test_damaged_cache_entries_are_recomputed_with_one_note(damage, tmp_path, model, images, caplog):
+def _feature_bytes(path: Path) -> tuple[int, int]:
+    """(offset, bytes per row) of the ``features`` tensor inside a store segment (safetensors layout)."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    spec = json.loads(data[8 : 8 + length])["features"]
+    return 8 + length + spec["data_offsets"][0], spec["shape"][1] * 4
+
+
+@pytest.mark.parametrize("damage, recomputed", [("truncate", "all"), ("flip", 1), ("swap", 2), ("foreign", "all")])
+def test_damaged_cache_entries_are_recomputed_with_one_note(damage, recomputed, tmp_path, model, images, caplog):
     cache_root = tmp_path / "cache"
     first = run(_cfg(tmp_path, model, images), tmp_path / "a", quiet=True, cache=FeatureCache(cache_root))
     files = _entries(cache_root)
-    assert len(files) == first["images_encoded"] > 2
+    assert len(files) == 1 and first["images_encoded"] > 2  # one run, one segment
+    segment = files[0]
+    data = bytearray(segment.read_bytes())
+    start, row = _feature_bytes(segment)
     if damage == "truncate":
-        data = files[0].read_bytes()
-        files[0].write_bytes(data[: len(data) // 2])
+        data = data[: len(data) // 2]
     elif damage == "flip":
-        data = bytearray(files[0].read_bytes())
-        data[-3] ^= 0x01  # inside the tensor bytes: only the checksum can tell
-        files[0].write_bytes(bytes(data))
-    else:  # a file of another image (another key) under this key's name
-        shutil.copyfile(files[1], files[0])
+        data[start + row + 5] ^= 0x01  # inside row 1's bytes: only the checksums can tell
+    elif damage == "swap":  # rows 0 and 1 exchanged: each row's digest binds it to its key
+        data[start : start + 2 * row] = data[start + row : start + 2 * row] + data[start : start + row]
+    else:  # a segment of another model's store under this model's folder
+        other = write_random_open_clip(tmp_path / "other", TINY_CLIP, seed=7)
+        run(_cfg(tmp_path, other, images), tmp_path / "o", quiet=True, cache=FeatureCache(tmp_path / "c2"))
+        data = bytearray(_entries(tmp_path / "c2")[0].read_bytes())
+    segment.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="calibprompt"):
         second = run(_cfg(tmp_path, model, images), tmp_path / "b", quiet=True, cache=FeatureCache(cache_root))
-    assert second["images_encoded"] == 1  # exactly the damaged entry, recomputed
+    expected = first["images_encoded"] if recomputed == "all" else recomputed
+    assert second["images_encoded"] == expected  # exactly the damaged rows, recomputed
     assert np.allclose(second["metrics"]["ece"], first["metrics"]["ece"])
     notes = [r.getMessage() for r in caplog.records if "recomputing damaged entries" in r.getMessage()]
-    assert len(notes) == 1 and files[0].name in notes[0]
+    assert len(notes) == 1 and segment.name in notes[0]
+    third = FeatureCache(cache_root)  # what is left is whole: nothing more to recompute, no note
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="calibprompt"):
+        assert run(_cfg(tmp_path, model, images), tmp_path / "c", quiet=True, cache=third)["images_encoded"] == 0
+    assert not [r for r in caplog.records if "recomputing damaged" in r.getMessage()]
 
 
 def test_other_models_features_are_never_used(tmp_path, model, images):
@@ -71,12 +93,12 @@ def test_changed_image_at_the_same_path_is_encoded_again(tmp_path, model):
 
 
 def test_full_disk_under_the_cache_does_not_fail_the_run(tmp_path, model, images, monkeypatch, caplog):
-    import calibprompt.features.cache as cache_module
+    import calibprompt.features.store as store_module
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cache_module, "_write_bytes", full)
+    monkeypatch.setattr(store_module, "_write_bytes", full)
     with caplog.at_level(logging.WARNING, logger="calibprompt"):
         result = run(_cfg(tmp_path, model, images), tmp_path / "a", quiet=True,
                      cache=FeatureCache(tmp_path / "cache"))

@@ -22,7 +22,7 @@ from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
 from calibprompt.backbones.loading import (
     DTYPES, build_empty, cast_floating_, random_fill_, read_weight_files, replace_output,
 )
-from calibprompt.backbones.prefix import causal_mask, prefix_attention
+from calibprompt.backbones.prefix import causal_mask, suffix_rows
 from calibprompt.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from calibprompt.backbones.weights import load_strict, write_state_dict
 
@@ -186,30 +186,25 @@ class HFClipBackbone(Backbone):
         layers = getattr(getattr(tm, "encoder", None), "layers", None)
         if layers is None or prefix < 1 or not all(_plain_layer(layer) for layer in layers):
             return self.encode_embeddings(embeddings, ids)
-        if tm.eos_token_id == 2:  # the legacy rule (PLIP's config): the highest id is the end token
-            pool = ids.argmax(dim=-1)
+        eos = tm.eos_token_id
+        if eos == 2:  # the legacy rule (PLIP's config): the highest id is the end token
+            rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1))
         else:
-            pool = (ids == tm.eos_token_id).int().argmax(dim=-1)
-        end = int(pool.max()) + 1
-        if end <= prefix:
+            rows = suffix_rows(self, ids, prefix, lambda t: (t == eos).int().argmax(dim=-1))
+        if rows is None:
             return self.encode_embeddings(embeddings, ids)
+        end = rows.end
         embeddings = embeddings.to(self._dtype)
         pos = tm.embeddings.position_embedding.weight[:end].to(embeddings.dtype)
-        xp = embeddings[:1, :prefix] + pos[:prefix]
-        xs = embeddings[:, prefix:end] + pos[prefix:end]
+        x = rows.flatten(embeddings[:1, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
         mask = causal_mask(end, embeddings.dtype, embeddings.device)
         for layer in layers:
             attn = layer.self_attn
-            hp, hs = layer.layer_norm1(xp), layer.layer_norm1(xs)
-            out_p, out_s = prefix_attention((attn.q_proj(hp), attn.k_proj(hp), attn.v_proj(hp)),
-                                            (attn.q_proj(hs), attn.k_proj(hs), attn.v_proj(hs)),
-                                            attn.num_heads, mask, scale=attn.scale)
-            xp = xp + attn.out_proj(out_p)
-            xs = xs + attn.out_proj(out_s)
-            xp = xp + layer.mlp(layer.layer_norm2(xp))
-            xs = xs + layer.mlp(layer.layer_norm2(xs))
-        xs = tm.final_layer_norm(xs)
-        return self.model.text_projection(xs[torch.arange(xs.shape[0], device=xs.device), pool - prefix])
+            h = layer.layer_norm1(x)
+            out = rows.attention(attn.q_proj(h), attn.k_proj(h), attn.v_proj(h), attn.num_heads, mask, scale=attn.scale)
+            x = x + attn.out_proj(out)
+            x = x + layer.mlp(layer.layer_norm2(x))
+        return self.model.text_projection(tm.final_layer_norm(x[rows.last]))
 
     def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model.text_model(input_ids=ids)

@@ -23,7 +23,7 @@ from torch import nn
 
 from calibprompt.backbones.base import Backbone, BackboneInfo, WeightsError
 from calibprompt.backbones.loading import DTYPES, build_empty, cast_floating_, hub_offline, read_weight_files
-from calibprompt.backbones.prefix import prefix_attention
+from calibprompt.backbones.prefix import suffix_rows
 from calibprompt.backbones.preprocess import CLIP_MEAN, CLIP_STD, Preprocess
 from calibprompt.backbones.weights import load_strict, write_state_dict
 
@@ -313,24 +313,18 @@ class OpenClipBackbone(Backbone):
         if self.is_bert or blocks is None or not all(_plain_block(b) for b in blocks) or prefix < 1:
             return self.encode_embeddings(embeddings, ids)
         embeddings = embeddings.to(self._dtype)
-        end = int(ids.argmax(dim=-1).max()) + 1  # the last end token: later positions are padding
-        if end <= prefix:
+        rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1))  # end token: the highest id
+        if rows is None:
             return self.encode_embeddings(embeddings, ids)
+        end = rows.end
         pos = m.positional_embedding[:end].to(embeddings.dtype)
-        xp = embeddings[:1, :prefix] + pos[:prefix]  # (1, P, D): the same for every prompt
-        xs = embeddings[:, prefix:end] + pos[prefix:end]  # (K, S, D)
+        x = rows.flatten(embeddings[:1, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
         causal = m.attn_mask[:end, :end].to(embeddings.dtype)
         for block in blocks:
-            hp, hs = block.ln_1(xp), block.ln_1(xs)
-            w, b = block.attn.in_proj_weight, block.attn.in_proj_bias
-            out_p, out_s = prefix_attention(F.linear(hp, w, b).chunk(3, dim=-1), F.linear(hs, w, b).chunk(3, dim=-1),
-                                            block.attn.num_heads, causal)
-            xp = xp + block.ls_1(block.attn.out_proj(out_p))
-            xs = xs + block.ls_1(block.attn.out_proj(out_s))
-            xp = xp + block.ls_2(block.mlp(block.ln_2(xp)))
-            xs = xs + block.ls_2(block.mlp(block.ln_2(xs)))
-        xs = m.ln_final(xs)
-        x = xs[torch.arange(xs.shape[0], device=xs.device), ids.argmax(dim=-1) - prefix]
+            q, k, v = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
+            x = x + block.ls_1(block.attn.out_proj(rows.attention(q, k, v, block.attn.num_heads, causal)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        x = m.ln_final(x[rows.last])
         proj = m.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 

@@ -3,9 +3,15 @@ causal text tower: a prefix (1, P, D) shared by K prompts and their suffixes (K,
 
 With queries, keys and values already projected (and per-head scale ``scale``), the prefix attends to
 itself causally, once; each suffix token attends to the whole prefix and to the suffix tokens up to
-itself. The prefix's keys and values are projected once, not K times."""
+itself. The prefix's keys and values are projected once, not K times.
+
+Between attentions the towers keep the tokens as rows of one flat matrix (:class:`SuffixRows`), each
+prompt's suffix only as long as its own class name (measured in benchmarks/bench_prefix.py)."""
 
 from __future__ import annotations
+
+import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -38,3 +44,53 @@ def prefix_attention(prefix_qkv: tuple, suffix_qkv: tuple, heads: int, mask: tor
     values = torch.cat([vp.expand(k, -1, -1, -1), vs], dim=2)
     out_s = F.scaled_dot_product_attention(qs, keys, values, attn_mask=mask[p:, :], scale=scale)
     return merge_heads(out_p), merge_heads(out_s)
+
+
+
+class SuffixRows:
+    """The rows a shared-prefix pass works on: the P prefix tokens, then each prompt's suffix up to its pooled
+    (end) token, K suffixes of their own lengths ``lengths`` (K,), one flat (P + sum(lengths), D) matrix.
+
+    Tokens after a prompt's end token never reach its feature in a causal tower, so they are dropped, and
+    a short class name does not pay for the longest one: between attentions every layer acts per token on
+    the flat rows (one matrix product keeps the cores busier than a padded batch). Attention pads the
+    suffixes to the longest (padding sits after each real token, where the causal mask hides it) and
+    drops the padding again."""
+
+    def __init__(self, lengths: torch.Tensor, prefix: int):
+        self.prefix, self.k, self.width = prefix, len(lengths), int(lengths.max())
+        grid = torch.arange(self.width, device=lengths.device)[None] < lengths[:, None]
+        self.slots = grid.flatten().nonzero().squeeze(1)  # the padded (K * width) slot of each real suffix row
+        self.last = prefix + torch.cumsum(lengths, 0) - 1  # each prompt's end token in the flat rows
+        self.end = prefix + self.width  # positions past this are padding in every prompt
+
+    def flatten(self, prefix_rows: torch.Tensor, suffixes: torch.Tensor) -> torch.Tensor:
+        """(1, P, D) prefix and (K, width, D) padded suffixes -> the flat rows."""
+        return torch.cat([prefix_rows[0], suffixes.reshape(-1, suffixes.shape[-1])[self.slots]])
+
+    def _pad(self, rows: torch.Tensor) -> torch.Tensor:
+        out = rows.new_zeros(self.k * self.width, rows.shape[-1]).index_copy(0, self.slots, rows)
+        return out.view(self.k, self.width, -1)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: torch.Tensor,
+                  scale: float | None = None) -> torch.Tensor:
+        """:func:`prefix_attention` on flat rows: q, k, v (P + R, D) -> (P + R, D)."""
+        p = self.prefix
+        out_p, out_s = prefix_attention((q[:p][None], k[:p][None], v[:p][None]),
+                                        (self._pad(q[p:]), self._pad(k[p:]), self._pad(v[p:])), heads, mask, scale)
+        return torch.cat([out_p[0], out_s.reshape(-1, out_s.shape[-1])[self.slots]])
+
+
+def suffix_rows(owner: object, ids: torch.Tensor, prefix: int,
+                pooling: Callable[[torch.Tensor], torch.Tensor]) -> SuffixRows | None:
+    """The :class:`SuffixRows` of prompts ``ids`` whose pooled token is ``pooling(ids)`` (None when one lies
+    inside the prefix: then the full pass is used). Reading the end positions waits for the device, so the
+    layout is kept on ``owner`` for as long as the same ``ids`` tensor (same object, unmodified) comes back,
+    as it does at every step of prompt training."""
+    memo = owner.__dict__.get("_suffix_rows")
+    if memo is not None and memo[0]() is ids and memo[1] == (ids._version, prefix):
+        return memo[2]
+    pool = pooling(ids)
+    rows = SuffixRows(pool - prefix + 1, prefix) if int(pool.min()) >= prefix else None
+    owner.__dict__["_suffix_rows"] = (weakref.ref(ids), (ids._version, prefix), rows)
+    return rows

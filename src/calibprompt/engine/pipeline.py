@@ -141,8 +141,18 @@ def fit(method: Method, backbone, dataset, resolved: dict, train_s: Sequence, tr
         val: tuple[torch.Tensor, Sequence] | None, device: torch.device, progress: bool = False,
         head_from: str | Path | None = None) -> FitResult:
     """Fit ``method`` on the training shots (or restore it from ``head_from``) and return its head."""
+    ctx = fit_context(backbone, dataset, resolved, train_s, train_views, val, device, progress)
+    if head_from is not None:
+        return restore(method, ctx, head_from)
+    torch.manual_seed(int(resolved["seed"]))
+    return method.fit(ctx)
+
+
+def fit_context(backbone, dataset, resolved: dict, train_s: Sequence, train_views: torch.Tensor,
+                val: tuple[torch.Tensor, Sequence] | None, device: torch.device, progress: bool = False) -> FitContext:
+    """What a method's ``fit`` sees: the training views and labels, zero-shot text, settings, validation."""
     zs_raw = zero_shot_text(backbone, dataset.classnames, dataset.template, normalize=False)
-    ctx = FitContext(
+    return FitContext(
         backbone=backbone, classnames=list(dataset.classnames), train_views=train_views,
         labels=torch.tensor([s.label for s in train_s], dtype=torch.long),
         zs_text=F.normalize(zs_raw, dim=-1), zs_text_raw=zs_raw,
@@ -152,10 +162,6 @@ def fit(method: Method, backbone, dataset, resolved: dict, train_s: Sequence, tr
         val_labels=torch.tensor([s.label for s in val[1]], dtype=torch.long) if val else None,
         progress=progress,
     )
-    if head_from is not None:
-        return restore(method, ctx, head_from)
-    torch.manual_seed(int(resolved["seed"]))
-    return method.fit(ctx)
 
 
 def restore(method: Method, ctx: FitContext, path: str | Path) -> FitResult:

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +47,47 @@ def run(cfg: dict, out_dir: str | Path, *, quiet: bool = False, cache: FeatureCa
 
 def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | None, overwrite: bool,
          head_from: str | Path | None) -> dict:
+    state = _prepare(resolved, out_dir, quiet=quiet, cache=cache, overwrite=overwrite, head_from=head_from)
+    if isinstance(state, dict):  # a finished run of this config, reused
+        return state
+    return _finish(state, state.fit())
+
+
+@dataclass
+class _Run:
+    """A run between its stages: everything up to the fit (data, backbone, features), then the rest."""
+
+    resolved: dict
+    out_dir: Path
+    run_hash: str
+    head_from: str | Path | None
+    quiet: bool
+    cache: FeatureCache
+    t0: float
+    timings: dict
+    dataset: Any
+    parts: tuple  # (train, val, test) samples
+    device: Any
+    backbone: Any
+    method: Any
+    encoded: int  # images this run encoded (its own, even when other runs prepare beside it)
+    feats: Any
+
+    def fit_context(self):
+        train_s, val_s, _ = self.parts
+        val = (self.feats.evals[1], val_s) if val_s else None
+        return pipeline.fit_context(self.backbone, self.dataset, self.resolved, train_s, self.feats.train_views, val,
+                                    self.device, progress=not self.quiet)
+
+    def fit(self):
+        train_s, val_s, _ = self.parts
+        return pipeline.fit(self.method, self.backbone, self.dataset, self.resolved, train_s, self.feats.train_views,
+                            (self.feats.evals[1], val_s) if val_s else None, self.device, progress=not self.quiet,
+                            head_from=self.head_from)
+
+
+def _prepare(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | None, overwrite: bool,
+             head_from: str | Path | None) -> _Run | dict:
     head_from = head_from if head_from is not None else resolved.get("head_from")
     if head_from is not None:
         from calibprompt.settings import sha256_file
@@ -73,8 +117,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    seed = int(resolved["seed"])
-    torch.manual_seed(seed)
+    torch.manual_seed(int(resolved["seed"]))
     device = pipeline.resolve_device(resolved["device"])
     dataset, split = pipeline.open_split(resolved)
     split.to_json(out_dir / "split.json")
@@ -91,11 +134,17 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     t = time.perf_counter()
     fits = head_from is None and (method.trains or method.train_views != "none")
     feats = pipeline.encode(cache, backbone, dataset, method, resolved, [test_s, val_s], train_s, fits, not quiet)
-    test_feats, val_feats = feats.evals
     timings["features"] = time.perf_counter() - t
+    return _Run(resolved, out_dir, run_hash, head_from, quiet, cache, t0, timings, dataset, (train_s, val_s, test_s),
+                device, backbone, method, cache.encoded - encoded_before, feats)
 
-    fitted = pipeline.fit(method, backbone, dataset, resolved, train_s, feats.train_views,
-                          (val_feats, val_s) if val_s else None, device, progress=not quiet, head_from=head_from)
+
+def _finish(state: _Run, fitted) -> dict:
+    resolved, out_dir, run_hash, timings = state.resolved, state.out_dir, state.run_hash, state.timings
+    dataset, backbone, method, device = state.dataset, state.backbone, state.method, state.device
+    train_s, val_s, test_s = state.parts
+    test_feats, val_feats = state.feats.evals
+    seed = int(resolved["seed"])
     if "seconds" in fitted.info:
         timings["train"] = fitted.info.pop("seconds")
     head = fitted.head.to(device)
@@ -118,8 +167,8 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
     sets, abstain = pipeline.decide(test_probs, conformal, selective, dataset, test_s)
     decisions = _decision_metrics(test_probs, test_labels, conformal, selective, sets, abstain, metrics)
     timings["evaluate"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
-    flags = run_flags(fitted.info, posthoc_info, metrics, test_labels, method.trains and head_from is None)
+    timings["total"] = time.perf_counter() - state.t0
+    flags = run_flags(fitted.info, posthoc_info, metrics, test_labels, method.trains and state.head_from is None)
     for flag in flags:
         note(f"run {resolved.get('name') or out_dir}: {flag['message']}")
     write_predictions(out_dir / "predictions.csv", test_s, test_logits, list(dataset.classnames), sets, abstain)
@@ -145,7 +194,7 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
         "train": fitted.info,
         "n_test": len(test_s),
         "n_val": len(val_s),
-        "images_encoded": cache.encoded - encoded_before,
+        "images_encoded": state.encoded,
         "timings": timings,
         "versions": versions(device),
         "backbone_info": backbone_record(backbone),
@@ -157,6 +206,74 @@ def _run(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | No
 
     mirror_run(result, out_dir, resolved.get("tracking"))  # a copy for TensorBoard / MLflow when configured
     return result
+
+
+def run_many(cfgs: Sequence[dict], out_dirs: Sequence[str | Path], *, cache: FeatureCache | None = None,
+             overwrite: bool = False, batch: bool = True, max_prompts: int | None = None) -> list:
+    """Several runs (quiet), each exactly as :func:`run` would make it, except that CoOp configurations that
+    can train together (equal :meth:`CoOp.batch_key`: one backbone, class list, prompt layout and step
+    count; seeds, losses, learning rates may differ) do, with one text-encoder pass per step
+    (:func:`calibprompt.methods.coop.fit_together`; metrics equal to separate runs within 1e-4). ``batch=False``
+    fits each alone. Returns one result dict, or the exception that stopped that run, per config, in
+    order: one run's failure does not stop the others."""
+    out: list = [None] * len(cfgs)
+    states: dict[int, _Run] = {}
+    with contextlib.ExitStack() as stack:
+        for i, (cfg, folder) in enumerate(zip(cfgs, out_dirs)):
+            try:
+                resolved, folder = resolve(cfg), Path(folder)
+                stack.enter_context(folder_lock(folder, ".run.lock"))
+                with folder_log(folder):
+                    state = _prepare(resolved, folder, quiet=True, cache=cache, overwrite=overwrite, head_from=None)
+                if isinstance(state, dict):
+                    out[i] = state
+                else:
+                    states[i] = state
+            except Exception as err:  # noqa: BLE001 - reported as that run's failure
+                out[i] = err
+        fitted = _fit_states(states, batch, max_prompts)
+        for i, state in states.items():
+            try:
+                if isinstance(fitted[i], Exception):
+                    raise fitted[i]
+                with folder_log(state.out_dir):
+                    out[i] = _finish(state, fitted[i])
+            except Exception as err:  # noqa: BLE001
+                out[i] = err
+    return out
+
+
+def _fit_states(states: dict[int, _Run], batch: bool, max_prompts: int | None) -> dict:
+    """Fit every prepared run: groups of one batch key together, the others alone. A group whose joint
+    training fails is fitted again one by one (with a note), so batching never costs a result."""
+    from calibprompt.methods.coop import fit_together
+
+    groups: dict = {}
+    contexts = {}
+    for i, state in states.items():
+        key = None
+        if batch and state.head_from is None and hasattr(state.method, "batch_key"):
+            contexts[i] = state.fit_context()
+            key = state.method.batch_key(contexts[i])
+        groups.setdefault(key if key is not None else ("alone", i), []).append(i)
+    fitted: dict = {}
+    for key, members in groups.items():
+        if len(members) > 1:
+            try:
+                results = fit_together([states[i].method for i in members], [contexts[i] for i in members],
+                                       max_prompts=max_prompts)
+                fitted.update(zip(members, results))
+                log.info("trained %d configurations together (one text-encoder pass per step)", len(members))
+                continue
+            except Exception as err:  # noqa: BLE001 - fall back to separate fits
+                note(f"batched training of {len(members)} configurations failed ({type(err).__name__}: {err}); "
+                     "fitting them one by one")
+        for i in members:
+            try:
+                fitted[i] = states[i].fit()
+            except Exception as err:  # noqa: BLE001
+                fitted[i] = err
+    return fitted
 
 
 def changed_inputs(done: dict, resolved: dict) -> str:

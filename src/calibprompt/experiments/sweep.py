@@ -26,7 +26,7 @@ from typing import Any, Callable
 from calibprompt.experiments.executors import check_jobs, make_executor
 from calibprompt.experiments.grid import Grid, RunSpec
 from calibprompt.experiments.store import ResultStore, default_url, public_url
-from calibprompt.experiments.tasks import execute_run
+from calibprompt.experiments.tasks import execute_run, execute_runs
 from calibprompt.features import FeatureCache
 from calibprompt.progress import FolderBusy, folder_lock, folder_log  # noqa: F401 - FolderBusy re-exported
 from calibprompt.config import DEFAULTS
@@ -36,6 +36,7 @@ from calibprompt.settings import atomic_write_bytes, atomic_write_json
 
 SWEEP_FILE = "sweep.json"
 SWEEP_FORMAT = "calibprompt.sweep/1"
+BATCH_RUNS = 16  # most runs one task trains together (C x K prompts per text-encoder pass)
 
 
 @dataclass
@@ -81,8 +82,9 @@ def read_sweep_file(out_dir: str | Path) -> dict | None:
 def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, executor: str = "local",
               ray_address: str | None = None, cpus_per_run: float = 1.0, gpus_per_run: float = 0.0,
               max_in_flight: int | None = None, cache_dir: str | None = None, retry_failed: bool = True, jobs: int = 1,
-              log: Callable[[str], None] | None = print) -> SweepSummary:
-    """Run every unfinished run of ``grid`` into ``out_dir`` (see module docstring)."""
+              log: Callable[[str], None] | None = print, batch: int = BATCH_RUNS) -> SweepSummary:
+    """Run every unfinished run of ``grid`` into ``out_dir`` (see module docstring). ``batch``: most
+    prompt-learning runs of one backbone, data and prompt layout trained together (1: each alone)."""
     log = log or (lambda _msg: None)
     start = time.perf_counter()
     out_dir = Path(out_dir).absolute()
@@ -128,7 +130,7 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
             try:
                 if todo:
                     _execute(todo, store, sweep_id, summary, cache_root, log, executor, ray_address, cpus_per_run,
-                             gpus_per_run, max_in_flight, jobs, mirror)
+                             gpus_per_run, max_in_flight, jobs, mirror, batch)
                 counts = store.counts(sweep_id, [s.config_hash for s in specs])
                 summary.done, summary.failed = counts["done"], counts["failed"]
             finally:
@@ -142,57 +144,104 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
     return summary
 
 
+def batch_group(spec: RunSpec) -> str | None:
+    """The runs that may train together (see ``engine.run.run_many``) share this key: a prompt-learning
+    method, and one backbone, data split shape, prompt layout and step count. None: the run goes alone."""
+    from calibprompt.config import resolve
+    from calibprompt.methods import METHODS
+    from calibprompt.settings import sha256_json
+
+    try:
+        resolved = resolve(spec.config)
+        method = METHODS[resolved["resolved_method"]["kind"]]
+    except Exception:  # noqa: BLE001 - a config that does not resolve fails in its own task, with its message
+        return None
+    if not getattr(method, "batchable", lambda: False)():
+        return None
+    tr = resolved["train"]
+    return sha256_json({k: resolved.get(k) for k in ("backbone", "data", "shots", "val_shots", "split_file",
+                                                      "split_by", "prompt", "device")}
+                       | {"train": [tr["epochs"], tr["batch_size"], tr["drop_last"]]})
+
+
+def plan_units(todo: list, batch: int) -> list[list]:
+    """``todo`` as tasks: runs of one :func:`batch_group` in units of at most ``batch``, every other run
+    alone; first-appearance order. The units do not depend on the executor or its workers, so a sweep gives
+    the same numbers bit for bit locally, with ``--jobs`` and on Ray (fewer, larger tasks: pass
+    ``--no-batch`` where many workers would otherwise idle)."""
+    if batch <= 1:
+        return [[item] for item in todo]
+    cap = batch
+    groups: dict = {}
+    for n, item in enumerate(todo):
+        key = batch_group(item[0])
+        groups.setdefault(key if key is not None else ("alone", n), []).append(item)
+    return [members[i : i + cap] for members in groups.values() for i in range(0, len(members), cap)]
+
+
 def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cache_root: str, log,
              executor: str, ray_address, cpus_per_run, gpus_per_run, max_in_flight, jobs: int = 1,
-             mirror: Callable[[dict, Path], Any] | None = None) -> None:
+             mirror: Callable[[dict, Path], Any] | None = None, batch: int = BATCH_RUNS) -> None:
     ex = make_executor(executor, ray_address=ray_address, cpus_per_run=cpus_per_run,
                        gpus_per_run=gpus_per_run, max_in_flight=max_in_flight, jobs=jobs)
     ship = ex.name == "ray"  # remote workers return the files; only this process writes DIR
-    queue = deque(todo)
+    queue = deque(plan_units(todo, batch))
     total = len(todo)
     try:
         while queue or ex.pending():
             while queue and ex.pending() < ex.parallelism:
-                spec, run_dir = queue.popleft()
-                store.mark_running(sweep_id, spec.config_hash, worker=ex.name)
+                unit = queue.popleft()
+                for spec, _ in unit:
+                    store.mark_running(sweep_id, spec.config_hash, worker=ex.name)
                 # tracking is mirrored here, under the sweep's parent run, not by the worker
-                payload = {"config": {**spec.config, "tracking": dict(DEFAULTS["tracking"])}, "run_dir": str(run_dir), "cache_root": cache_root,
-                           "ship": ship, **ex.task_options()}
-                ex.submit(execute_run, payload, tag=(spec, run_dir))
-            (spec, run_dir), outcome = ex.next_result()
-            summary.executed += 1
-            prefix = f"[{summary.executed}/{total}] {spec.run_id}"
-            error = outcome.error
-            if outcome.ok:
-                try:
-                    if "files" in outcome.value:
-                        write_run_files(run_dir, outcome.value["files"])
-                    result = finished_result(run_dir, spec.config_hash)
-                    if result is None:
-                        raise RuntimeError(f"the run returned but {run_dir / RESULT_FILE} is not a finished "
-                                           "result of this config")
-                    store.mark_done(sweep_id, spec.config_hash, result, worker=outcome.worker,
-                                    seconds=outcome.seconds)
-                    if mirror is not None:
-                        mirror(result, run_dir)
-                    m = result["metrics"]
-                    log(f"{prefix} done   {spec.title}: acc {m['accuracy'] * 100:.2f}% ECE {m['ece'] * 100:.2f}% "
-                        f"({outcome.seconds:.1f} s)")
-                    for flag in result.get("flags") or []:
-                        log(f"{' ' * len(prefix)} flag   {flag['code']}: {flag['message']}")
-                    if result.get("flags"):
-                        summary.flagged.append({"run_id": spec.run_id, "title": spec.title,
-                                                "flags": [f["code"] for f in result["flags"]]})
-                    continue
-                except Exception as err:  # noqa: BLE001 - a bad result is a failed run, not a dead sweep
-                    error = f"{type(err).__name__}: {err}"
-            store.mark_failed(sweep_id, spec.config_hash, error or "unknown error", worker=outcome.worker,
-                              seconds=outcome.seconds)
-            first = (error or "").strip().splitlines()[0] if error else "unknown error"
-            summary.failures.append({"run_id": spec.run_id, "run": spec.title, "error": first})
-            log(f"{prefix} FAILED {spec.title}: {first}")
+                configs = [{**spec.config, "tracking": dict(DEFAULTS["tracking"])} for spec, _ in unit]
+                base = {"cache_root": cache_root, "ship": ship, **ex.task_options()}
+                if len(unit) == 1:
+                    ex.submit(execute_run, {"config": configs[0], "run_dir": str(unit[0][1]), **base}, tag=unit)
+                else:
+                    ex.submit(execute_runs, {"configs": configs, "run_dirs": [str(d) for _, d in unit], **base},
+                              tag=unit)
+            unit, outcome = ex.next_result()
+            entries = outcome.value["runs"] if outcome.ok and len(unit) > 1 else [outcome.value] * len(unit)
+            for (spec, run_dir), entry in zip(unit, entries):
+                summary.executed += 1
+                error = entry.get("error") if outcome.ok else outcome.error
+                _record(spec, run_dir, entry if error is None else None, error, outcome, len(unit), store, sweep_id,
+                        summary, f"[{summary.executed}/{total}] {spec.run_id}", log, mirror)
     finally:
         ex.close()
+
+
+def _record(spec: RunSpec, run_dir: Path, value: dict | None, error: str | None, outcome, share: int,
+            store: ResultStore, sweep_id: str, summary: SweepSummary, prefix: str, log, mirror) -> None:
+    """Store one run's outcome (``value``: what its task returned for it, or None with ``error``)."""
+    seconds = outcome.seconds / share
+    if value is not None:
+        try:
+            if "files" in value:
+                write_run_files(run_dir, value["files"])
+            result = finished_result(run_dir, spec.config_hash)
+            if result is None:
+                raise RuntimeError(f"the run returned but {run_dir / RESULT_FILE} is not a finished "
+                                   "result of this config")
+            store.mark_done(sweep_id, spec.config_hash, result, worker=outcome.worker, seconds=seconds)
+            if mirror is not None:
+                mirror(result, run_dir)
+            m = result["metrics"]
+            log(f"{prefix} done   {spec.title}: acc {m['accuracy'] * 100:.2f}% ECE {m['ece'] * 100:.2f}% "
+                f"({seconds:.1f} s{f', trained with {share - 1} other(s)' if result.get('train', {}).get('batched') else ''})")
+            for flag in result.get("flags") or []:
+                log(f"{' ' * len(prefix)} flag   {flag['code']}: {flag['message']}")
+            if result.get("flags"):
+                summary.flagged.append({"run_id": spec.run_id, "title": spec.title,
+                                        "flags": [f["code"] for f in result["flags"]]})
+            return
+        except Exception as err:  # noqa: BLE001 - a bad result is a failed run, not a dead sweep
+            error = f"{type(err).__name__}: {err}"
+    store.mark_failed(sweep_id, spec.config_hash, error or "unknown error", worker=outcome.worker, seconds=seconds)
+    first = (error or "").strip().splitlines()[0] if error else "unknown error"
+    summary.failures.append({"run_id": spec.run_id, "run": spec.title, "error": first})
+    log(f"{prefix} FAILED {spec.title}: {first}")
 
 
 def write_run_files(run_dir: Path, files: dict[str, bytes]) -> None:

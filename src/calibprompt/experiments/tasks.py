@@ -4,6 +4,7 @@ trial. They take and return plain picklable data, so Ray can ship them."""
 from __future__ import annotations
 
 import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,31 @@ def execute_run(payload: dict) -> dict[str, Any]:
         files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())
                  if p.is_file() and not p.name.startswith(".")}  # not the run folder's lock files
     return {"result": result, "files": files}
+
+
+def execute_runs(payload: dict) -> dict[str, Any]:
+    """Several sweep runs in one task (``payload["configs"]``, ``payload["run_dirs"]``): CoOp configurations
+    that can train together do, with one text-encoder pass per step (``engine.run.run_many``). Returns
+    ``{"runs": [...]}``, one entry per run: ``{"result": ...}`` (plus ``"files"`` when shipping) or
+    ``{"error": text}``; one run's failure does not fail the others."""
+    from calibprompt.engine.run import run_many
+
+    cfgs = [_slot(payload, cfg) for cfg in payload["configs"]]
+    cache = shared_cache(payload.get("cache_root"))
+    with tempfile.TemporaryDirectory(prefix="calibprompt-runs-") as tmp:
+        folders = [Path(tmp) / str(i) for i in range(len(cfgs))] if payload.get("ship") else payload["run_dirs"]
+        results = run_many(cfgs, folders, cache=cache, overwrite=True, max_prompts=payload.get("max_prompts"))
+        runs = []
+        for folder, result in zip(folders, results):
+            if isinstance(result, BaseException):
+                runs.append({"error": f"{type(result).__name__}: {result}\n\n"
+                                      + "".join(traceback.format_exception(result, limit=20))})
+            elif payload.get("ship"):
+                runs.append({"result": result, "files": {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
+                                                         if p.is_file() and not p.name.startswith(".")}})
+            else:
+                runs.append({"result": result})
+    return {"runs": runs}
 
 
 def evaluate_trial(payload: dict) -> dict[str, Any]:

@@ -1,15 +1,17 @@
 """Frozen image features, computed once and reused.
 
 The image encoder is frozen, so a feature depends only on (weights, preprocessing, image content,
-augmentation view). Each feature is stored on disk as one small safetensors file named by the sha256 of
-that identity, and reused across epochs, methods, seeds and runs. Training augmentation comes from a
+augmentation view[, pixel noise]). Each feature is keyed by the sha256 of that identity, kept in the
+image tower's sharded store (:mod:`calibprompt.features.store`: a few memory-mapped files, not one per
+image) and reused across epochs, methods, seeds, runs and processes. Training augmentation comes from a
 bank of pre-computed views per image: view ``v`` of an image is the paper's random-resized-crop + flip
 drawn from an RNG seeded by (image content, v, aug_seed), so it is the same view in every run.
 
-Safety: files are written atomically (concurrent writers of the same key write identical bytes), carry
-their key and a sha256 of the feature in the metadata, and are validated on load (key, shape,
-finiteness, checksum); a bad file is recomputed with one note. A disk that cannot be written (full,
-read-only) turns the disk cache off for the process with one note; the run goes on. No pickle is read.
+Safety: segments are appended atomically and validated on first read (format, weights, shapes, sha256;
+a damaged one keeps only its rows that pass their own digest, with one note). A disk that cannot be
+written (full, read-only) turns the disk cache off for the process with one note; the run goes on with
+the features in memory. Per-image files of older versions are validated and moved into the store
+(:mod:`calibprompt.features.legacy`). No pickle is read.
 """
 
 from __future__ import annotations
@@ -17,20 +19,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
 import sys
-import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save
 
 from calibprompt.backbones.base import Backbone
+from calibprompt.features.legacy import legacy_folders, read_legacy, remove_moved
 from calibprompt.features.loader import BatchBuilder, Item, auto_batches, check_workers, pixel_batches
+from calibprompt.features.store import FeatureStore
 from calibprompt.progress import note
 from calibprompt.progress import progress as make_progress
 from calibprompt.settings import cache_dir, sha256_json
@@ -42,17 +43,24 @@ log = logging.getLogger(__name__)
 # batch at the same rate and 64 about 15% slower; not measured on a GPU here. Padding every batch to this
 # size is what keeps a feature independent of its batch mates, so it is one number per cache.
 ENCODE_BATCH = 32
+# Encoded rows are appended to the store as one segment per this many rows or seconds, whichever comes
+# first: few files, and an interrupted run loses at most this much encoding.
+FLUSH_ROWS, FLUSH_SECONDS = 2048, 60.0
 
 
 class FeatureCache:
     """Content-keyed store of frozen image features.
 
     ``encoded`` counts images actually passed through the image encoder (cache misses), so reuse can
-    be measured; ``hits`` counts features served from memory or disk."""
+    be measured; ``hits`` counts features served from memory or disk. ``memory``: keep the features this
+    process encoded in memory when the disk cache cannot be written (else they are encoded again)."""
 
     def __init__(self, root: str | Path | None = None, memory: bool = True, workers: int | str = "auto",
-                 loader_kind: str = "process", batch_size: int = ENCODE_BATCH):
+                 loader_kind: str = "process", batch_size: int = ENCODE_BATCH, amp: str = "none"):
         check_workers(workers, loader_kind)
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"encode amp must be one of {', '.join(AMP_DTYPES)}, got {amp!r}")
+        self.amp = amp  # mixed precision of the image tower; part of every feature's key when not "none"
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"encode batch size must be a whole number >= 1, got {batch_size!r}")
         self.batch_size = batch_size
@@ -63,22 +71,29 @@ class FeatureCache:
         self.encoded = 0
         self.hits = 0
         self.writable = True  # False after a failed write (full or read-only disk)
-        self._dirs: set[Path] = set()  # shard folders known to exist (one mkdir each, not one per file)
+        self.readable = True  # False after a failed read of the store (e.g. a folder without permission)
+        self._stores: dict[str, FeatureStore] = {}  # weights -> its sharded store under this root
+        self._legacy: dict[str, bool] = {}  # weights -> whether per-image files of an older version remain
         self._locks: dict = {}  # weights -> the encode FileLock of this cache
 
     # ---- keys ---------------------------------------------------------------------------------
     @staticmethod
     def key(weights: str, transform: dict, content: str, view: int | None, aug_seed: int,
-            noise: Noise | None = None) -> str:
+            noise: Noise | None = None, amp: str = "none") -> str:
         fields = {"weights": weights, "transform": transform, "content": content,
                   "view": view, "aug_seed": aug_seed if view is not None else None}
+        if amp != "none":  # features of a mixed-precision encoder are others; fp32 keys stay as they were
+            fields["amp"] = amp
         if noise is not None:  # a noisy view; clean features keep the keys they always had
             fields["noise"] = {"sigma": float(noise.sigma), "seed": int(noise.seed), "draw": int(noise.draw),
                                "stream": noise.stream}
         return sha256_json(fields)
 
-    def _path(self, weights: str, key: str) -> Path:
-        return self.root / weights[:16] / key[:2] / f"{key}.safetensors"
+    def store(self, weights: str, dim: int) -> FeatureStore:
+        """The sharded store of the image tower with fingerprint ``weights`` under this cache's root."""
+        if weights not in self._stores:
+            self._stores[weights] = FeatureStore(self.root / weights[:16] / "store", weights, dim)
+        return self._stores[weights]
 
     # ---- public ---------------------------------------------------------------------------------
     def features(self, backbone: Backbone, dataset, samples: Sequence, view: int | None = None,
@@ -132,20 +147,21 @@ class FeatureCache:
         weights = backbone.fingerprint()
         dim = backbone.info.embed_dim
         descs = {False: backbone.preprocess.describe(False), True: backbone.preprocess.describe(True)}
-        out: list[list[torch.Tensor | None]] = []
+        out: list[torch.Tensor] = []
         todo: list[tuple] = []  # (group, index, sample, key, train, noise)
         for g, (samples, view, *rest) in enumerate(groups):
             train, noise = view is not None, (rest[0] if rest else None)
-            keys = [self.key(weights, descs[train], dataset.content_hash(s), view, aug_seed, noise) for s in samples]
-            found = [self._lookup(weights, k, dim) for k in keys]
-            out.append(found)
-            todo += [(g, i, samples[i], keys[i], train, noise) for i, f in enumerate(found) if f is None]
+            keys = [self.key(weights, descs[train], dataset.content_hash(s), view, aug_seed, noise, self.amp)
+                    for s in samples]
+            rows, missing = self._read(weights, keys, dim)
+            out.append(rows)
+            todo += [(g, i, samples[i], keys[i], train, noise) for i in missing]
         if todo:
             with self._encode_lock(weights):
                 todo = self._still_missing(todo, out, weights, dim)
                 if todo:
                     self._encode(backbone, dataset, todo, out, weights, int(batch_size or self.batch_size), progress)
-        return [torch.stack(feats) if feats else torch.empty(0, dim) for feats in out]  # type: ignore[misc]
+        return out
 
     @contextlib.contextmanager
     def _encode_lock(self, weights: str):
@@ -171,14 +187,57 @@ class FeatureCache:
 
     def _still_missing(self, todo: list, out: list, weights: str, dim: int) -> list:
         """The ``todo`` entries that another process has not written meanwhile (those are filled in)."""
-        left = []
-        for entry in todo:
-            g, i, key = entry[0], entry[1], entry[3]
-            found = self._lookup(weights, key, dim)
-            if found is None:
-                left.append(entry)
+        rows, missing = self._read(weights, [t[3] for t in todo], dim)
+        for j, entry in enumerate(todo):
+            out[entry[0]][entry[1]] = rows[j]
+        return [todo[j] for j in missing]
+
+    def _read(self, weights: str, keys: list[str], dim: int) -> tuple[torch.Tensor, list[int]]:
+        """The stored rows of ``keys`` (zeros where missing) and the missing positions: the store first,
+        then this process's unwritten features, then per-image files of an older version (moved)."""
+        rows, missing = torch.zeros(len(keys), dim), list(range(len(keys)))
+        if self.readable:
+            try:
+                rows, missing = self.store(weights, dim).get(keys)
+            except OSError as err:
+                self.readable = False
+                self._disk_failed(err)
+        if missing and self.memory:
+            held = [j for j in missing if keys[j] in self.memory]
+            for j in held:
+                rows[j] = self.memory[keys[j]]
+            missing = sorted(set(missing) - set(held))
+        if missing and self._has_legacy(weights):
+            missing = self._migrate(weights, keys, rows, missing, dim)
+        self.hits += len(keys) - len(missing)
+        return rows, missing
+
+    def _has_legacy(self, weights: str) -> bool:
+        if weights not in self._legacy:
+            self._legacy[weights] = bool(legacy_folders(self.root, weights))
+        return self._legacy[weights]
+
+    def _migrate(self, weights: str, keys: list[str], rows: torch.Tensor, missing: list[int], dim: int) -> list[int]:
+        """Fill ``rows`` from per-image files of an older calibprompt and move those into the store."""
+        moved, left = [], []
+        for j in missing:
+            feat = read_legacy(self.root, weights, keys[j], dim, _digest)
+            if feat is None:
+                left.append(j)
             else:
-                out[g][i] = found
+                rows[j] = feat
+                moved.append(j)
+        if moved and self.writable:
+            try:
+                self.store(weights, dim).put([keys[j] for j in moved], rows[moved])
+            except OSError as err:
+                self._disk_failed(err)
+            else:
+                remove_moved(self.root, weights, [keys[j] for j in moved])
+                note(f"feature cache: moving per-image entries of an older calibprompt under {self.root} into "
+                     "the sharded store (once; nothing is recomputed)", key=f"migrate:{self.root}")
+        if not legacy_folders(self.root, weights):
+            self._legacy[weights] = False
         return left
 
     def _encode(self, backbone: Backbone, dataset, todo: list, out: list, weights: str, batch_size: int,
@@ -203,98 +262,66 @@ class FeatureCache:
             pixel_batches(builder, self.workers, self.loader_kind, pin)
         pending: list = []
         with ThreadPoolExecutor(1, thread_name_prefix="calibprompt-cache-writer") as pool:
-            write = lambda *args: pending.append(pool.submit(self._write, *args))  # noqa: E731
-            self._encode_batches(backbone, chunks, batches, out, weights, device, write, bar)
+            def write(rows: list) -> None:  # a segment per flush, written on the background thread
+                pending.append(pool.submit(self._put, weights, backbone.info.embed_dim, rows))
+            self._encode_batches(backbone, chunks, batches, out, device, write, bar)
         for done in pending:  # the pool has finished: surface any error but a disk's (those turn the cache off)
             done.result()
         if bar is not None:
             bar.close()
 
-    def _encode_batches(self, backbone, chunks, batches, out, weights, device, write, bar) -> None:
-        """Encode each pixel batch and hand its rows to ``out``, the memory cache and ``write`` (the disk,
-        on a background thread). The caller waits for the writes: when ``features`` returns, every file
-        is in place."""
+    def _encode_batches(self, backbone, chunks, batches, out, device, write, bar) -> None:
+        """Encode each pixel batch and hand its rows to ``out`` and, every :data:`FLUSH_ROWS` rows or
+        :data:`FLUSH_SECONDS`, to ``write`` (the store, on a background thread). The caller waits for the
+        writes: when ``features`` returns, every segment is in place."""
+        rows: list[tuple[str, torch.Tensor]] = []
+        flushed = time.monotonic()
         for chunk, pixels in zip(chunks, batches):
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, self.amp):
                 feats = backbone.encode_image(pixels.to(device, non_blocking=True)).float().cpu()
             feats = feats[: len(chunk)]
             self.encoded += len(chunk)
             for (g, i, _, key, *_), feat in zip(chunk, feats):
-                feat = feat.clone()  # own storage: a cached row must not keep its whole batch alive
                 out[g][i] = feat
-                self._store(weights, key, feat, write)
+                rows.append((key, feat))
             del pixels, feats
             _release_freed_memory()
+            if len(rows) >= FLUSH_ROWS or time.monotonic() - flushed > FLUSH_SECONDS:
+                write(rows)
+                rows, flushed = [], time.monotonic()
             if bar is not None:
                 bar.update(len(chunk))
+        if rows:
+            write(rows)
 
     # ---- storage --------------------------------------------------------------------------------
-    def _lookup(self, weights: str, key: str, dim: int) -> torch.Tensor | None:
-        if self.memory is not None and key in self.memory:
-            self.hits += 1
-            return self.memory[key]
-        path = self._path(weights, key)
-        if not path.is_file():
-            return None
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                feat = handle.get_tensor("feature")
-            if meta.get("key") != key:
-                raise ValueError("it was stored under another key (another model, transform or image)")
-            if feat.shape != (dim,) or not bool(torch.isfinite(feat).all()):
-                raise ValueError(f"shape {tuple(feat.shape)} or values do not fit a {dim}-d feature")
-            if "sha256" not in meta:
-                raise _Legacy()
-            if meta["sha256"] != _digest(feat):
-                raise ValueError("its checksum does not match its content")
-        except _Legacy:
-            note(f"feature cache: entries under {self.root} written by an older calibprompt (no checksum) are "
-                 "recomputed once", key=f"legacy:{self.root}")
-            path.unlink(missing_ok=True)
-            return None
-        except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
-            note(f"feature cache: recomputing damaged entries under {self.root} (first: {path.name}: {err})",
-                 key=f"damaged:{self.root}")
-            log.info("discarding invalid cache entry %s (%s)", path, err)
-            path.unlink(missing_ok=True)
-            return None
-        self.hits += 1
+    def _put(self, weights: str, dim: int, rows: list[tuple[str, torch.Tensor]]) -> None:
+        """Append encoded ``(key, feature)`` rows to the store; on a disk error keep them in memory."""
+        if self.writable:
+            try:
+                self.store(weights, dim).put([k for k, _ in rows], torch.stack([f for _, f in rows]))
+                return
+            except OSError as err:
+                self._disk_failed(err)
         if self.memory is not None:
-            self.memory[key] = feat
-        return feat
+            for key, feat in rows:
+                self.memory[key] = feat.clone()  # own storage: a row must not keep its batch alive
 
-    def _store(self, weights: str, key: str, feat: torch.Tensor, write=None) -> None:
-        """Keep ``feat`` in memory and write it to disk, through ``write`` (it queues ``_write`` on a
-        background thread) when given: creating small files is slow on some disks (0.8 ms each measured
-        here, more than encoding the image on the micro model), and the encoder need not wait for it."""
-        if self.memory is not None:
-            self.memory[key] = feat
-        if not self.writable:
-            return
-        (write or self._write)(weights, key, feat)
+    def _disk_failed(self, err: OSError) -> None:
+        # The cache is an optimisation: a full or read-only disk must not fail the run.
+        self.writable = False
+        note(f"feature cache: cannot write under {self.root} ({err.strerror or err}); features are kept in "
+             "memory for this process only. Free space or set CALIBPROMPT_CACHE / cache_dir to another folder.")
 
-    def _write(self, weights: str, key: str, feat: torch.Tensor, retry: bool = True) -> None:
-        if not self.writable:
-            return
-        path = self._path(weights, key)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-        try:
-            if path.parent not in self._dirs:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                self._dirs.add(path.parent)
-            data = save({"feature": feat.contiguous()}, metadata={"key": key, "sha256": _digest(feat)})
-            _write_bytes(tmp, data)
-            os.replace(tmp, path)  # atomic; a concurrent writer of the same key writes the same bytes
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            if retry and isinstance(err, FileNotFoundError):  # the folder was removed meanwhile: make it again
-                self._dirs.discard(path.parent)
-                return self._write(weights, key, feat, retry=False)
-            # The cache is an optimisation: a full or read-only disk must not fail the run.
-            self.writable = False
-            note(f"feature cache: cannot write under {self.root} ({err.strerror or err}); features are kept in "
-                 "memory for this process only. Free space or set CALIBPROMPT_CACHE / cache_dir to another folder.")
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str):
+    """``torch.autocast`` for ``amp`` ("bf16", "fp16") on ``device`` (CUDA or CPU), or nothing for "none"."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
 
 
 _MALLOC_TRIM: object = None  # resolved on first use: glibc's malloc_trim, or False where there is none
@@ -320,15 +347,6 @@ def _release_freed_memory() -> None:
                 pass
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
-
-
-class _Legacy(Exception):
-    """A cache entry from before checksums were stored."""
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:  # Python's write releases the GIL (safetensors' save_file does not)
-        handle.write(data)
 
 
 def _digest(feat: torch.Tensor) -> str:

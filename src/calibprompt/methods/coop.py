@@ -17,7 +17,7 @@ import torch
 from calibprompt.methods.base import FitContext, FitResult, Method, register_method, warn_if_smac_alpha_inert
 from calibprompt.methods.heads import LinearHead
 from calibprompt.methods.prompt_learner import PromptLearner
-from calibprompt.methods.prompt_training import TrainSettings, train_prompts
+from calibprompt.methods.prompt_training import TrainResult, TrainSettings, train_prompts, train_prompts_batched
 
 
 @register_method
@@ -35,14 +35,26 @@ class CoOp(Method):
 
     def fit(self, ctx: FitContext) -> FitResult:
         learner = self.learner(ctx)
-        tr = ctx.train_cfg
-        warn_if_smac_alpha_inert(self.losses, ctx.labels, int(tr["batch_size"]))
-        settings = TrainSettings(**{k: tr[k] for k in TrainSettings.__dataclass_fields__})
-        result = train_prompts(ctx.backbone, learner, self.objective(), ctx.train_views, ctx.labels, settings,
+        warn_if_smac_alpha_inert(self.losses, ctx.labels, int(ctx.train_cfg["batch_size"]))
+        result = train_prompts(ctx.backbone, learner, self.objective(), ctx.train_views, ctx.labels, _settings(ctx),
                                int(ctx.seed), zs_text_features=ctx.zs_text, progress=ctx.progress)
-        info = {"steps": result.steps, "epoch_losses": result.losses, "text_tokens": result.text_tokens,
-                "n_train": int(len(ctx.labels)), "seconds": result.seconds}
-        return self._result(ctx, learner, info)
+        return self._result(ctx, learner, _train_info(result, ctx))
+
+    @classmethod
+    def batchable(cls) -> bool:
+        """Whether configurations of this method can train together (:func:`fit_together`)."""
+        return cls.fit is CoOp.fit
+
+    def batch_key(self, ctx: FitContext) -> tuple | None:
+        """Configurations whose keys are equal can train together (:func:`fit_together`): one backbone and
+        class list, one prompt layout, steps that line up. None: this one trains alone (a subclass with
+        its own ``fit``, such as calibprompt-auto's cross-validation)."""
+        if not self.batchable():
+            return None
+        p, tr = ctx.prompt_cfg, ctx.train_cfg
+        return (id(ctx.backbone), tuple(ctx.classnames), str(ctx.device), int(p["n_ctx"]), p["position"], p["init"],
+                int(tr["epochs"]), int(tr["batch_size"]), bool(tr["drop_last"]), int(len(ctx.labels)),
+                ctx.zs_text.numpy().tobytes())
 
     def from_prompt(self, ctx: FitContext, path: str | Path) -> FitResult:
         """The head of context vectors saved by an earlier run (``prompt.safetensors``)."""
@@ -75,3 +87,32 @@ class CoOp(Method):
         head = LinearHead(text, scale=ctx.scale, normalize_weight=False)
         info["prompt_shape"] = list(learner.ids.shape)  # (K, tokens): what one text-encoder pass processes
         return FitResult(head, info, files={"prompt.safetensors": prompt})
+
+
+def _settings(ctx: FitContext) -> TrainSettings:
+    return TrainSettings(**{k: ctx.train_cfg[k] for k in TrainSettings.__dataclass_fields__})
+
+
+def _train_info(result: TrainResult, ctx: FitContext) -> dict:
+    return {"steps": result.steps, "epoch_losses": result.losses, "text_tokens": result.text_tokens,
+            "n_train": int(len(ctx.labels)), "seconds": result.seconds}
+
+
+def fit_together(methods: list[CoOp], ctxs: list[FitContext], max_prompts: int | None = None) -> list[FitResult]:
+    """Fit several CoOp configurations of one :meth:`CoOp.batch_key` with one text-encoder pass per step for
+    all of them (:func:`~calibprompt.methods.prompt_training.train_prompts_batched`): each ends where its own
+    ``fit`` would, up to float rounding (tests: metrics within 1e-4). Each result's info says
+    ``batched: C`` and its ``seconds`` is its share of the joint training time."""
+    keys = {m.batch_key(c) for m, c in zip(methods, ctxs)}
+    if len(keys) != 1 or None in keys:
+        raise ValueError("fit_together needs CoOp configurations of one batch key (see CoOp.batch_key)")
+    learners = [m.learner(c) for m, c in zip(methods, ctxs)]
+    for m, c in zip(methods, ctxs):
+        warn_if_smac_alpha_inert(m.losses, c.labels, int(c.train_cfg["batch_size"]))
+    results = train_prompts_batched(ctxs[0].backbone, learners, [m.objective() for m in methods],
+                                    [c.train_views for c in ctxs], [c.labels for c in ctxs],
+                                    [_settings(c) for c in ctxs], [int(c.seed) for c in ctxs],
+                                    zs_text_features=ctxs[0].zs_text, max_prompts=max_prompts,
+                                    progress=ctxs[0].progress)
+    return [m._result(c, learner, {**_train_info(r, c), "batched": len(methods)})
+            for m, c, learner, r in zip(methods, ctxs, learners, results)]

@@ -101,8 +101,11 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
     if needs & {"zs_logits", "zs_text_features"} and zs_text_features is None:
         raise ValueError(f"objective needs zero-shot features ({sorted(needs)}) but none were given")
     n = views.shape[0]
+    check_labels(labels, learner.n_classes)
     drop_last = settings.drop_last and n >= settings.batch_size
-    schedule = view_schedule(n, views.shape[1], settings.epochs, generator)
+    # Batch order and views are drawn on the CPU (the same stream on every device) and moved once per
+    # epoch; losses stay on the device until the epoch ends: no host sync inside a step.
+    schedule = view_schedule(n, views.shape[1], settings.epochs, generator).to(device)
     optimizer = make_optimizer([learner.ctx], settings)
     scale = backbone.logit_scale.to(device).float()
     views, labels = views.to(device), labels.to(device)
@@ -113,26 +116,26 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
     for epoch in range(settings.epochs):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr_at(epoch)
-        order = torch.randperm(n, generator=generator)
+        order = torch.randperm(n, generator=generator).to(device)
         stop = n - n % settings.batch_size if drop_last else n
         epoch_losses = []
         for begin in range(0, stop, settings.batch_size):
             idx = order[begin : begin + settings.batch_size]
-            feats = views[idx.to(device), schedule[epoch, idx].to(device)]
+            feats = views[idx, schedule[epoch, idx]]
             text = learner.text_features(backbone, shared_prefix=settings.shared_prefix)
             logits = class_logits(feats, text, scale)
             extra = {}
             if zs_text_features is not None and needs & {"zs_logits", "zs_text_features"}:
                 extra = {"zs_logits": class_logits(feats, zs_text_features, scale),
                          "zs_text_features": zs_text_features}
-            loss = objective(logits, labels[idx.to(device)], text, **extra)
+            loss = objective(logits, labels[idx], text, **extra)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            epoch_losses.append(float(loss.detach()))
+            epoch_losses.append(loss.detach())
             result.steps += 1
-            result.text_tokens += int(learner.ids.numel())
-        result.losses.append(sum(epoch_losses) / max(len(epoch_losses), 1))
+            result.text_tokens += learner.ids.numel()
+        result.losses.append(_mean(epoch_losses))
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -143,7 +146,7 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
 
 
 def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner], objectives: Sequence,
-                          views: torch.Tensor, labels: torch.Tensor,
+                          views: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor | Sequence[torch.Tensor],
                           settings: TrainSettings | Sequence[TrainSettings], seeds: int | Sequence[int],
                           zs_text_features: torch.Tensor | None = None, max_prompts: int | None = None,
                           progress: bool = False) -> list[TrainResult]:
@@ -157,6 +160,9 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
     each context exactly its own gradient; results differ from the sequential ones only by float
     rounding of the larger matrix products. On CPU, one pass over C*K short sequences costs far less
     than C passes over K of them (the weights are read once per step instead of C times).
+
+    ``views``/``labels`` may be one tensor for all configurations or one per configuration (e.g. seeds
+    with their own few-shot splits); every configuration must then have the same number of training images.
 
     Requirements: every learner has the same prompt layout (token ids, n_ctx, class position; CSC and
     shared contexts may be mixed), and every configuration the same ``epochs``, ``batch_size`` and
@@ -198,13 +204,21 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
     chunks = [list(range(i, min(i + per_pass, n_cfg))) for i in range(0, n_cfg, per_pass)]
 
     device = first.ctx.device
-    n = views.shape[0]
+    views_list = [v.to(device) for v in views] if isinstance(views, (list, tuple)) else [views.to(device)] * n_cfg
+    labels_list = [y.to(device) for y in labels] if isinstance(labels, (list, tuple)) else [labels.to(device)] * n_cfg
+    if len(views_list) != n_cfg or len(labels_list) != n_cfg:
+        raise ValueError("give one views tensor and one labels tensor per learner (or a single one for all)")
+    n = views_list[0].shape[0]
+    if any(v.shape[0] != n or len(y) != n for v, y in zip(views_list, labels_list)):
+        raise ValueError(f"configurations have different numbers of training images ({[v.shape[0] for v in views_list]}); "
+                         "their steps would not line up")
+    for y in labels_list:
+        check_labels(y, first.n_classes)
     drop_last = base.drop_last and n >= base.batch_size
     generators = [torch.Generator().manual_seed(seed) for seed in seed_list]
-    schedules = [view_schedule(n, views.shape[1], base.epochs, g) for g in generators]
+    schedules = [view_schedule(n, v.shape[1], base.epochs, g).to(device) for v, g in zip(views_list, generators)]
     optimizers = [make_optimizer([learner.ctx], s) for learner, s in zip(learners, settings_list)]
     scale = backbone.logit_scale.to(device).float()
-    views, labels = views.to(device), labels.to(device)
     if zs_text_features is not None:
         zs_text_features = zs_text_features.to(device)
     results = [TrainResult() for _ in learners]
@@ -220,8 +234,8 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
         for optimizer, s in zip(optimizers, settings_list):
             for group in optimizer.param_groups:
                 group["lr"] = s.lr_at(epoch)
-        orders = [torch.randperm(n, generator=g) for g in generators]
-        epoch_losses: list[list[float]] = [[] for _ in learners]
+        orders = [torch.randperm(n, generator=g).to(device) for g in generators]
+        epoch_losses: list[list[torch.Tensor]] = [[] for _ in learners]
         for begin in range(0, stop, base.batch_size):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
@@ -234,14 +248,14 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
                 total = None
                 for j, c in enumerate(chunk):
                     idx = orders[c][begin : begin + base.batch_size]
-                    feats = views[idx.to(device), schedules[c][epoch, idx].to(device)]
+                    feats = views_list[c][idx, schedules[c][epoch, idx]]
                     extra = {}
                     if zs_needed[c]:
                         extra = {"zs_logits": class_logits(feats, zs_text_features, scale),
                                  "zs_text_features": zs_text_features}
-                    loss = objectives[c](class_logits(feats, text[j], scale), labels[idx.to(device)],
+                    loss = objectives[c](class_logits(feats, text[j], scale), labels_list[c][idx],
                                          text[j], **extra)
-                    epoch_losses[c].append(float(loss.detach()))
+                    epoch_losses[c].append(loss.detach())
                     total = loss if total is None else total + loss
                 total.backward()
             for c, optimizer in enumerate(optimizers):
@@ -249,7 +263,7 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
                 results[c].steps += 1
                 results[c].text_tokens += tokens_per_cfg
         for c, losses in enumerate(epoch_losses):
-            results[c].losses.append(sum(losses) / max(len(losses), 1))
+            results[c].losses.append(_mean(losses))
     if bar is not None:
         bar.update(1)
         bar.close()
@@ -259,6 +273,19 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
     for result in results:
         result.seconds = share
     return results
+
+
+def check_labels(labels: torch.Tensor, n_classes: int) -> None:
+    """Labels in [0, K): checked once before training (the losses skip the check off the CPU)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"training labels must lie in [0, {n_classes - 1}], got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def _mean(losses: list[torch.Tensor]) -> float:
+    """Mean of an epoch's step losses, read from the device once (the sum of their float32 values in
+    double precision, as adding Python floats step by step gave)."""
+    return sum(torch.stack(losses).tolist()) / len(losses) if losses else 0.0
 
 
 @torch.no_grad()

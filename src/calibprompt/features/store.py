@@ -1,0 +1,292 @@
+"""A sharded, memory-mapped store of feature rows: one per image tower, a few dozen files for 100k+ rows.
+
+A store lives in ``<cache root>/<weights[:16]>/store/`` and is a set of immutable **segments**, each one
+safetensors file holding
+
+* ``keys`` (n, 32) uint8: each row's cache key (the sha256 of weights, transform, image content, view
+  and noise; :meth:`FeatureCache.key`), in binary;
+* ``features`` (n, D) float32: the rows;
+* ``row_digest`` (n, 8) uint8: the first 8 bytes of sha256(key + row), to salvage a damaged segment;
+
+and in its metadata the format, the weights fingerprint, the shape and a sha256 of all three tensors.
+
+* **Append** = write a new segment to a temporary name and rename it into place (atomic), so a reader
+  sees a whole segment or none, an interrupted writer leaves nothing that is taken as done, and
+  processes sharing the folder (``sweep --jobs``, Ray workers on a shared path) never write the same file.
+* **Read** = map each segment (``numpy.memmap`` at the offsets of the safetensors header), check its
+  sha256 once per process, and index its keys; a lookup of N keys is one dictionary probe per key and
+  one gather per segment. Nothing is unpickled.
+* **Compaction**: when more than :data:`MAX_SEGMENTS` segments exist, the smaller half is merged into
+  one (then removed), so the file count stays bounded while the cost of merging stays proportional to
+  what is merged (size-tiered, as log-structured stores do).
+* **Damage**: a segment that fails its checksum keeps the rows whose own digest still matches (moved to
+  a new segment; the rest are recomputed by the caller), a segment that cannot be parsed or belongs to
+  other weights is removed; each case gives one note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from calibprompt.progress import note
+
+log = logging.getLogger(__name__)
+
+FORMAT = "calibprompt.features/2"
+MAX_SEGMENTS = 24  # above this, the smaller half is merged: a few dozen files whatever the row count
+KEY_BYTES = 32
+DIGEST_BYTES = 8
+
+
+@dataclass
+class _Segment:
+    path: Path
+    keys: np.ndarray  # (n, 32) uint8, memory-mapped
+    features: np.ndarray  # (n, D) float32, memory-mapped
+    digests: np.ndarray  # (n, 8) uint8, memory-mapped
+    start: int  # global id of its first row in this process's index
+
+    @property
+    def rows(self) -> int:
+        return len(self.features)
+
+
+class FeatureStore:
+    """The rows of one image tower (``weights``: its fingerprint) under ``folder``; thread-safe.
+
+    ``get(keys)`` returns the rows found and the positions missing; ``put(keys, rows)`` appends a segment."""
+
+    def __init__(self, folder: str | Path, weights: str, dim: int):
+        self.folder = Path(folder)
+        self.weights = weights
+        self.dim = int(dim)
+        self._segments: list[_Segment] = []
+        self._seen: set[str] = set()  # segment names opened (or rejected) by this process
+        self._index: dict[bytes, int] = {}  # key -> global row id (first segment wins)
+        self._starts = np.zeros(0, dtype=np.int64)
+        self._lock = threading.RLock()
+        self.files_written = 0
+
+    # ---- reading ------------------------------------------------------------------------------
+    def get(self, keys: Sequence[str]) -> tuple[torch.Tensor, list[int]]:
+        """``(rows, missing)``: an (N, D) float32 tensor with the stored row of each key (zeros where
+        there is none) and the positions of the keys the store does not hold."""
+        out = np.zeros((len(keys), self.dim), dtype=np.float32)
+        if not keys:
+            return torch.from_numpy(out), []
+        binary = [bytes.fromhex(k) for k in keys]
+        with self._lock:
+            ids = self._probe(binary)
+            if (ids < 0).any():  # another process may have appended since: look at the folder again
+                self.refresh()
+                ids = self._probe(binary)
+            found = np.flatnonzero(ids >= 0)
+            seg_of = np.searchsorted(self._starts, ids[found], side="right") - 1
+            for s in np.unique(seg_of):
+                pick = found[seg_of == s]
+                segment = self._segments[s]
+                rows = ids[pick] - segment.start
+                order = np.argsort(rows, kind="stable")  # ascending rows: sequential reads of the mapping
+                out[pick[order]] = segment.features[rows[order]]
+        return torch.from_numpy(out), np.flatnonzero(ids < 0).tolist()
+
+    def __len__(self) -> int:
+        with self._lock:
+            self.refresh()
+            return len(self._index)
+
+    def _probe(self, binary: list[bytes]) -> np.ndarray:
+        get = self._index.get
+        return np.fromiter((get(k, -1) for k in binary), dtype=np.int64, count=len(binary))
+
+    def refresh(self) -> None:
+        """Open the segments that appeared in the folder since the last look (other writers, other
+        processes); a segment removed meanwhile by a compaction is skipped (its rows are in the merged one)."""
+        with self._lock:
+            for path in self._listing():
+                if path.name not in self._seen:
+                    self._seen.add(path.name)
+                    self._open(path)
+
+    def _listing(self) -> list[Path]:
+        try:
+            return sorted(p for p in self.folder.iterdir() if p.name.startswith("seg-") and p.suffix == ".safetensors")
+        except FileNotFoundError:
+            return []
+
+    def _open(self, path: Path) -> None:
+        try:
+            meta, tensors = _map(path)
+        except FileNotFoundError:
+            return  # merged away between the listing and now
+        except (OSError, ValueError, KeyError) as err:
+            return self._reject(path, f"cannot be read ({err})")
+        if meta.get("format") != FORMAT or meta.get("weights") != self.weights:
+            return self._reject(path, f"was written for other weights or format ({meta.get('weights', '?')[:16]})")
+        keys, feats, digests = tensors.get("keys"), tensors.get("features"), tensors.get("row_digest")
+        if keys is None or feats is None or digests is None or feats.shape[1:] != (self.dim,) or \
+                keys.shape != (len(feats), KEY_BYTES) or digests.shape != (len(feats), DIGEST_BYTES):
+            return self._reject(path, f"its tensors do not fit {self.dim}-d rows")
+        if _sha256(keys, feats, digests) != meta.get("sha256"):
+            return self._salvage(path, keys, feats, digests)
+        self._add(_Segment(path, keys, feats, digests, start=0))
+
+    def _add(self, segment: _Segment) -> None:
+        segment.start = int(self._starts[-1] + self._segments[-1].rows) if self._segments else 0
+        self._segments.append(segment)
+        self._starts = np.append(self._starts, segment.start)
+        flat = segment.keys.tobytes()
+        setdefault = self._index.setdefault
+        for i in range(segment.rows):
+            setdefault(flat[i * KEY_BYTES : (i + 1) * KEY_BYTES], segment.start + i)
+
+    def _reject(self, path: Path, why: str) -> None:
+        _damage_note(self.folder, path, why)
+        _remove(path)
+
+    def _salvage(self, path: Path, keys: np.ndarray, feats: np.ndarray, digests: np.ndarray) -> None:
+        """Keep the rows of a damaged segment whose own digest still matches and are finite."""
+        good = [i for i in range(len(feats)) if np.isfinite(feats[i]).all()
+                and _row_digest(keys[i], feats[i]) == digests[i].tobytes()]
+        _damage_note(self.folder, path, f"its checksum does not match its content; {len(good)} of {len(feats)} rows kept")
+        try:
+            if good:
+                self._write(np.ascontiguousarray(keys[good]), np.ascontiguousarray(feats[good]),
+                            np.ascontiguousarray(digests[good]))
+        except OSError as err:  # a read-only store: the good rows are still not trusted without a checksum
+            log.info("feature store: cannot rewrite the salvaged rows of %s: %s", path, err)
+            return
+        _remove(path)
+
+    # ---- writing ------------------------------------------------------------------------------
+    def put(self, keys: Sequence[str], rows: torch.Tensor | np.ndarray) -> None:
+        """Append ``rows`` (N, D) under ``keys`` as one new segment (atomic); merge segments past the limit.
+        Raises OSError when the folder cannot be written (the caller decides what that means)."""
+        rows = np.ascontiguousarray(rows.detach().cpu().float().numpy() if torch.is_tensor(rows) else rows,
+                                    dtype=np.float32)
+        if rows.shape != (len(keys), self.dim):
+            raise ValueError(f"feature store: {len(keys)} keys but rows of shape {rows.shape} (expected (N, {self.dim}))")
+        if not len(keys):
+            return
+        binary = np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
+        digests = np.frombuffer(b"".join(_row_digest(k, r) for k, r in zip(binary, rows)),
+                                dtype=np.uint8).reshape(-1, DIGEST_BYTES)
+        with self._lock:
+            self._write(binary, rows, digests)
+            self.compact()
+
+    def _write(self, keys: np.ndarray, feats: np.ndarray, digests: np.ndarray) -> Path:
+        from safetensors.numpy import save
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "weights": self.weights, "rows": str(len(feats)), "dim": str(self.dim),
+                "sha256": _sha256(keys, feats, digests)}
+        data = save({"keys": keys, "features": feats, "row_digest": digests}, metadata=meta)
+        # Names sort by creation time, so the oldest copy of a key wins in every process.
+        path = self.folder / f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.safetensors"
+        tmp = self.folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        try:
+            _write_bytes(tmp, data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.files_written += 1
+        self._seen.add(path.name)
+        self._open_written(path)
+        return path
+
+    def _open_written(self, path: Path) -> None:
+        _, tensors = _map(path)
+        self._add(_Segment(path, tensors["keys"], tensors["features"], tensors["row_digest"], start=0))
+
+    def compact(self, limit: int = MAX_SEGMENTS) -> int:
+        """Merge the smaller half of the segments into one when there are more than ``limit``; returns the
+        number of files removed. Safe beside readers and writers in other processes: the merged segment is
+        in place before the old ones go, and a duplicate row is harmless (the oldest wins)."""
+        with self._lock:
+            self.refresh()
+            live = [s for s in self._segments if s.path.exists()]
+            if len(live) <= limit:
+                return 0
+            small = sorted(live, key=lambda s: s.rows)[: max(2, len(live) // 2)]
+            keys = np.concatenate([s.keys for s in small])
+            feats = np.concatenate([s.features for s in small])
+            digests = np.concatenate([s.digests for s in small])
+            _, first = np.unique(keys, axis=0, return_index=True)  # one copy of each key
+            first.sort()
+            self._write(keys[first], feats[first], digests[first])
+            for s in small:
+                _remove(s.path)  # still mapped here and elsewhere: POSIX keeps the data (Windows: merged later)
+            return len(small)
+
+    def files(self) -> list[Path]:
+        return self._listing()
+
+
+def _map(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The metadata and memory-mapped tensors of a safetensors file (read-only; no copy, no pickle)."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise ValueError("file shorter than a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(size - 8, 100 * 2**20):
+            raise ValueError(f"header length {length} does not fit a {size}-byte file")
+        header = json.loads(handle.read(length))
+    meta = header.pop("__metadata__", None) or {}
+    dtypes = {"F32": np.float32, "U8": np.uint8}
+    base = 8 + length
+    whole = np.memmap(path, dtype=np.uint8, mode="r") if size > base else np.zeros(0, np.uint8)  # one mapping
+    tensors = {}
+    for name, spec in header.items():
+        start, end = spec["data_offsets"]
+        shape = tuple(spec["shape"])
+        dtype = np.dtype(dtypes[spec["dtype"]])
+        if base + end > size or end - start != int(np.prod(shape)) * dtype.itemsize:
+            raise ValueError(f"tensor {name!r} runs past the end of the file (truncated?)")
+        tensors[name] = whole[base + start : base + end].view(dtype).reshape(shape)
+    return meta, tensors
+
+
+def _sha256(keys: np.ndarray, feats: np.ndarray, digests: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for array in (keys, feats, digests):
+        h.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return h.hexdigest()
+
+
+def _row_digest(key: np.ndarray | bytes, row: np.ndarray) -> bytes:
+    return hashlib.sha256(bytes(key) + np.ascontiguousarray(row, dtype=np.float32).tobytes()).digest()[:DIGEST_BYTES]
+
+
+def _damage_note(folder: Path, path: Path, why: str) -> None:
+    root = folder.parent.parent
+    note(f"feature cache: recomputing damaged entries under {root} (first: {path.name}: {why})", key=f"damaged:{root}")
+    log.info("feature store: %s %s", path, why)
+
+
+def _remove(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:  # a read-only folder: the file is skipped by this process and reported again later
+        log.info("feature store: cannot remove %s: %s", path, err)
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:  # Python's write releases the GIL (safetensors' save_file does not)
+        handle.write(data)

@@ -1,0 +1,112 @@
+"""GPU readiness on the CPU (issue 18, item 5): mixed-precision image encoding (``encode.amp``) keyed apart
+from fp32 features, and a prompt-training loop that does not read from the device inside a step (what
+would make a GPU wait every step)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from calibprompt.config import config_hash, resolve
+from calibprompt.features import FeatureCache
+from calibprompt.methods.prompt_learner import PromptLearner
+from calibprompt.methods.prompt_training import TrainSettings, train_prompts
+from tests.tiny_models import tiny_model_dir, write_image_folder
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from calibprompt.backbones import load_backbone
+    from calibprompt.data import open_dataset
+
+    root = tmp_path_factory.mktemp("ready")
+    backbone = load_backbone({"path": str(tiny_model_dir(root / "model", "clip"))})
+    dataset = open_dataset({"source": "folder", "path": str(write_image_folder(root / "images", n_train=4, n_test=6))})
+    return backbone, dataset
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_features_are_close_and_cached_apart(tiny, tmp_path, amp):
+    backbone, dataset = tiny
+    samples = dataset.samples_in("test")
+    fp32 = FeatureCache(tmp_path / "c")
+    exact = fp32.features(backbone, dataset, samples)
+    mixed_cache = FeatureCache(tmp_path / "c", amp=amp)
+    mixed = mixed_cache.features(backbone, dataset, samples)
+    assert mixed_cache.encoded == len(samples)  # other keys: the fp32 rows are not served for amp
+    assert mixed.dtype == torch.float32 and not torch.equal(mixed, exact)
+    assert F.cosine_similarity(mixed, exact).min() > 0.99
+    again = FeatureCache(tmp_path / "c")
+    assert torch.equal(again.features(backbone, dataset, samples), exact) and again.encoded == 0
+    with pytest.raises(ValueError, match="encode amp must be one of none, bf16, fp16, got 'fp8'"):
+        FeatureCache(tmp_path / "c", amp="fp8")
+
+
+def test_amp_is_part_of_a_runs_identity_only_when_on(tmp_path):
+    from calibprompt.config import ConfigError, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"backbone: {{name: micro-medmnist}}\ndata: {{source: folder, path: {tmp_path}}}\nmethod: coop-ce\n")
+    plain = config_hash(resolve(load_config(path)))
+    assert config_hash(resolve(load_config(path, ["encode.amp=none"]))) == plain
+    assert config_hash(resolve(load_config(path, ["encode.workers=0"]))) == plain
+    assert config_hash(resolve(load_config(path, ["encode.amp=bf16"]))) != plain
+    with pytest.raises(ConfigError, match="encode.amp"):
+        resolve(load_config(path, ["encode.amp=fp8"]))
+
+
+_WATCHED = ("prompt_training.py", "prefix.py", "open_clip_model.py")
+
+
+def _count_reads(monkeypatch) -> dict:
+    """Count the tensor reads that make the host wait for the device (float(), int(), bool(), .item(),
+    .tolist()) made from the training loop and the text pass (not from the losses' CPU-only label check)."""
+    counts = {"reads": 0, "tolist": 0}
+    for name in ("__float__", "__int__", "__bool__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, _real=real, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.endswith(_WATCHED):
+                counts["tolist" if _name == "tolist" else "reads"] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts
+
+
+def test_training_steps_do_not_read_from_the_device(tiny, monkeypatch):
+    backbone, dataset = tiny
+    from calibprompt.losses import build_objective
+
+    views = torch.randn(8, 2, backbone.info.embed_dim)
+    labels = torch.tensor([0, 1] * 4)
+    per_epochs = {}
+    for epochs in (2, 5):
+        learner = PromptLearner(backbone, list(dataset.classnames), n_ctx=4, generator=torch.Generator().manual_seed(0))
+        counts = _count_reads(monkeypatch)
+        result = train_prompts(backbone, learner, build_objective([{"name": "CE"}, {"name": "AS"}]), views, labels,
+                               TrainSettings(epochs=epochs, batch_size=4), seed=0)
+        monkeypatch.undo()
+        assert result.steps == 2 * epochs
+        per_epochs[epochs] = dict(counts)
+    # 6 more steps, 3 more epochs: one read of the losses per epoch and no read per step
+    assert per_epochs[5]["tolist"] - per_epochs[2]["tolist"] == 3
+    assert per_epochs[5]["reads"] == per_epochs[2]["reads"]
+
+
+def test_the_shared_prefix_layout_is_computed_once_per_prompt_tensor(tiny):
+    backbone, dataset = tiny
+    learner = PromptLearner(backbone, ["normal", "tumor tissue"], n_ctx=4, generator=torch.Generator().manual_seed(0))
+    first = learner.text_features(backbone, shared_prefix=True)
+    memo = backbone.__dict__["_suffix_rows"]
+    assert memo[0]() is learner.ids
+    assert torch.equal(learner.text_features(backbone, shared_prefix=True), first)
+    assert backbone.__dict__["_suffix_rows"] is memo  # reused, not recomputed
+    other = PromptLearner(backbone, ["a", "much longer class name"], n_ctx=4, generator=torch.Generator().manual_seed(0))
+    full = other.text_features(backbone, shared_prefix=False)
+    assert torch.allclose(other.text_features(backbone, shared_prefix=True), full, atol=1e-5)  # new ids: new layout
+    assert backbone.__dict__["_suffix_rows"][0]() is other.ids
