@@ -63,15 +63,48 @@ def test_compaction_bounds_the_files_and_keeps_every_row(tmp_path):
 
 
 def test_the_oldest_copy_of_a_key_wins_everywhere(tmp_path):
-    store = FeatureStore(tmp_path, WEIGHTS, 4)
     first, second = torch.ones(1, 4), torch.full((1, 4), 2.0)
-    store.put(_keys(0, 1), first)
-    store.put(_keys(0, 1), second)  # a second writer of the same image (e.g. without the encode lock)
-    assert torch.equal(store.get(_keys(0, 1))[0], first)
+    older, stale = FeatureStore(tmp_path, WEIGHTS, 4), FeatureStore(tmp_path, WEIGHTS, 4)
+    assert stale.get(_keys(0, 1))[1] == [0]  # looked before the older copy existed
+    older.put(_keys(0, 1), first)
+    older.put(_keys(0, 1), second)  # already held: not stored twice
+    assert len(older.files()) == 1
+    # a writer that missed the older copy (no encode lock) stores its own: the older one still wins on disk
+    from calibprompt.features.store import KEY_BYTES, _row_digest
+    import numpy as np
+
+    key = np.frombuffer(bytes.fromhex(_keys(0, 1)[0]), dtype=np.uint8).reshape(1, KEY_BYTES)
+    stale._write(key, second.numpy(), np.frombuffer(_row_digest(key[0], second.numpy()[0]), np.uint8).reshape(1, -1))
+    for _ in range(3):  # more segments, so that a compaction merges the two copies
+        stale.put(_keys(10 + _, 1), torch.zeros(1, 4))
     assert torch.equal(FeatureStore(tmp_path, WEIGHTS, 4).get(_keys(0, 1))[0], first)
-    store.compact(limit=1)  # merging keeps one copy: the oldest
+    while stale.compact(limit=1):  # merge until one segment holds everything
+        pass
+    assert len(stale.files()) == 1
     fresh = FeatureStore(tmp_path, WEIGHTS, 4)
-    assert len(fresh) == 1 and torch.equal(fresh.get(_keys(0, 1))[0], first)
+    assert len(fresh) == 4 and torch.equal(fresh.get(_keys(0, 1))[0], first)
+
+
+def test_merged_segments_are_let_go_and_io_errors_delete_nothing(tmp_path, monkeypatch, caplog):
+    import errno
+
+    import calibprompt.features.store as store_module
+
+    store = FeatureStore(tmp_path, WEIGHTS, 4)
+    for i in range(60):
+        store.put(_keys(i, 1), torch.randn(1, 4))
+    assert len(store._segments) == len(store.files()) <= MAX_SEGMENTS  # no mapping of a removed file held
+    files = store.files()
+
+    def too_many_open_files(_path):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(store_module, "_map", too_many_open_files)
+    assert FeatureStore(tmp_path, WEIGHTS, 4).get(_keys(0, 60))[1] == list(range(60))
+    assert store.files() == files  # not the files' fault: nothing removed, no damage note
+    assert not [r for r in caplog.records if "damaged" in r.getMessage()]
+    monkeypatch.undo()
+    assert FeatureStore(tmp_path, WEIGHTS, 4).get(_keys(0, 60))[1] == []
 
 
 def test_a_reader_sees_other_writers_and_survives_their_compaction(tmp_path):

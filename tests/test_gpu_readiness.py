@@ -17,14 +17,19 @@ from calibprompt.methods.prompt_training import TrainSettings, train_prompts
 from tests.tiny_models import tiny_model_dir, write_image_folder
 
 
+PATHS: dict = {}
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     from calibprompt.backbones import load_backbone
     from calibprompt.data import open_dataset
 
     root = tmp_path_factory.mktemp("ready")
-    backbone = load_backbone({"path": str(tiny_model_dir(root / "model", "clip"))})
+    model = tiny_model_dir(root / "model", "clip")
+    backbone = load_backbone({"path": str(model)})
     dataset = open_dataset({"source": "folder", "path": str(write_image_folder(root / "images", n_train=4, n_test=6))})
+    PATHS.update(model=model, images=root / "images")
     return backbone, dataset
 
 
@@ -98,15 +103,49 @@ def test_training_steps_do_not_read_from_the_device(tiny, monkeypatch):
     assert per_epochs[5]["reads"] == per_epochs[2]["reads"]
 
 
-def test_the_shared_prefix_layout_is_computed_once_per_prompt_tensor(tiny):
+def test_the_shared_prefix_layout_is_computed_once_per_prompt_tensor(tiny, monkeypatch):
     backbone, dataset = tiny
+    import calibprompt.backbones.prefix as prefix
+
+    made = []
+    real = prefix.SuffixRows
+    monkeypatch.setattr(prefix, "SuffixRows", lambda *a, **k: made.append(a) or real(*a, **k))
     learner = PromptLearner(backbone, ["normal", "tumor tissue"], n_ctx=4, generator=torch.Generator().manual_seed(0))
     first = learner.text_features(backbone, shared_prefix=True)
-    memo = backbone.__dict__["_suffix_rows"]
-    assert memo[0]() is learner.ids
     assert torch.equal(learner.text_features(backbone, shared_prefix=True), first)
-    assert backbone.__dict__["_suffix_rows"] is memo  # reused, not recomputed
+    assert len(made) == 1  # the second pass reused the layout
     other = PromptLearner(backbone, ["a", "much longer class name"], n_ctx=4, generator=torch.Generator().manual_seed(0))
     full = other.text_features(backbone, shared_prefix=False)
     assert torch.allclose(other.text_features(backbone, shared_prefix=True), full, atol=1e-5)  # new ids: new layout
-    assert backbone.__dict__["_suffix_rows"][0]() is other.ids
+    assert len(made) == 2
+    learner.text_features(backbone, shared_prefix=True)
+    assert len(made) == 2  # both layouts are kept (a batched trainer alternates between chunks)
+
+
+def test_a_shared_cache_follows_each_runs_amp(tiny, tmp_path):
+    """A sweep worker holds one cache per root (built without a config): a run asking for bf16 still gets
+    bf16 features, under bf16 keys."""
+    import yaml
+
+    from calibprompt.config import load_config
+    from calibprompt.engine.run import run
+
+    model, images = PATHS["model"], PATHS["images"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"backbone": {"path": str(model)}, "data": {"source": "folder", "path": str(images)},
+                                    "method": "zeroshot", "shots": 2, "encode": {"amp": "bf16"}, "eval": {"bootstrap": 0}}))
+    shared = FeatureCache(tmp_path / "cache")  # amp "none", as tasks.shared_cache builds it
+    result = run(load_config(path), tmp_path / "out", quiet=True, cache=shared)
+    assert result["images_encoded"] > 0 and shared.encoded == 0  # encoded by its bf16 sibling
+    backbone, dataset = tiny
+    again = FeatureCache(tmp_path / "cache", amp="bf16")
+    again.features(backbone, dataset, dataset.samples_in("test"))
+    assert again.encoded == 0  # stored under the bf16 keys
+
+
+def test_fit_context_checks_labels_once_before_any_device_work():
+    from calibprompt.methods import FitContext
+
+    with pytest.raises(ValueError, match=r"training labels must lie in \[0, 1\] \(2 classes\), got values in \[0, 5\]"):
+        FitContext(backbone=None, classnames=["a", "b"], train_views=torch.zeros(2, 1, 4), labels=torch.tensor([0, 5]),
+                   zs_text=torch.zeros(2, 4), scale=1.0, seed=0, device=torch.device("cpu"))

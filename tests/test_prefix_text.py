@@ -5,6 +5,8 @@ pass."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -80,3 +82,38 @@ def test_transformers_clip_prefix_pass_equals_the_full_pass(tmp_path, eos):
         outs.append((out.detach(), grad))
     assert (outs[0][0] - outs[1][0]).abs().max() <= 1e-5
     assert (outs[0][1] - outs[1][1]).abs().max() <= 1e-4 * outs[0][1].abs().max() + 1e-8
+
+
+def test_grouped_prefix_pass_equals_each_configuration_alone(backbone):
+    """Several configurations in one pass (a batched sweep): one prefix per configuration, gradients into
+    each configuration's own context only."""
+    learners = [PromptLearner(backbone, NAMES, n_ctx=4, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    pieces = [learner() for learner in learners]
+    emb, ids = torch.cat([e for e, _ in pieces]), torch.cat([i for _, i in pieces])
+    joint = backbone.encode_shared_prefix(emb, ids, 5, groups=3)
+    alone = torch.cat([backbone.encode_embeddings(e, i) for e, i in pieces])
+    assert (joint - alone).abs().max() <= 1e-5
+    joint[len(NAMES):].sum().backward()  # only the second and third configurations' features
+    assert learners[0].ctx.grad is None or not learners[0].ctx.grad.any()
+    assert learners[1].ctx.grad.abs().max() > 0 and learners[2].ctx.grad.abs().max() > 0
+    with pytest.raises(ValueError, match="do not split into 2 groups") if backbone.info.family != "bert" \
+            else contextlib.nullcontext():
+        backbone.encode_shared_prefix(emb, ids, 5, groups=2)
+
+
+def test_batched_training_with_shared_prefixes_matches_training_alone(backbone):
+    from calibprompt.losses import build_objective
+    from calibprompt.methods.prompt_training import TrainSettings, train_prompts, train_prompts_batched
+
+    gen = torch.Generator().manual_seed(1)
+    views = [torch.randn(8, 2, backbone.info.embed_dim, generator=gen) for _ in range(3)]
+    labels = [torch.tensor([0, 1, 2, 3, 4, 0, 1, 2]).roll(i) for i in range(3)]
+    objective = build_objective([{"name": "CE"}, {"name": "AS", "weight": 1.0}])
+    settings = TrainSettings(epochs=2, batch_size=4, optimizer="adam")
+    joint = [PromptLearner(backbone, NAMES, n_ctx=4, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    results = train_prompts_batched(backbone, joint, [objective] * 3, views, labels, settings, seeds=[3, 4, 5])
+    for s in range(3):
+        alone = PromptLearner(backbone, NAMES, n_ctx=4, generator=torch.Generator().manual_seed(s))
+        result = train_prompts(backbone, alone, objective, views[s], labels[s], settings, seed=3 + s)
+        assert torch.allclose(joint[s].ctx, alone.ctx, atol=1e-5)
+        assert results[s].losses == pytest.approx(result.losses, abs=1e-5)

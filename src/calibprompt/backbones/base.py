@@ -92,10 +92,13 @@ class Backbone(nn.Module, ABC):
         """Text features (K, embed_dim) from (K, L, token_dim) embeddings. ``ids`` (K, L) carries the
         token ids of the same positions (for pooling positions and attention masks)."""
 
-    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int,
+                             groups: int = 1) -> torch.Tensor:
         """``encode_embeddings`` for K prompts whose first ``prefix`` positions are the same (the start token
-        and a shared learned context). A causal text tower computes those positions once and runs only each
-        prompt's own suffix against them (docs/performance.md); the default is the full pass."""
+        and a shared learned context) within each of ``groups`` consecutive blocks of K / groups prompts (one
+        block per configuration when several train together). A causal text tower computes those positions
+        once per block and runs only each prompt's own suffix against them (docs/performance.md); the
+        default is the full pass."""
         return self.encode_embeddings(embeddings, ids)
 
     @abstractmethod

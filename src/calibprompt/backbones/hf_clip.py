@@ -179,7 +179,8 @@ class HFClipBackbone(Backbone):
         with replace_output(self.model.text_model.embeddings.token_embedding, embeddings.to(self._dtype)):
             return self.encode_text(ids)
 
-    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int,
+                             groups: int = 1) -> torch.Tensor:
         """The causal text model with the prefix's hidden states, keys and values computed once (see
         ``Backbone.encode_shared_prefix``); pooling follows the model's own end-token rule."""
         tm = self.model.text_model
@@ -187,16 +188,19 @@ class HFClipBackbone(Backbone):
         if layers is None or prefix < 1 or not all(_plain_layer(layer) for layer in layers):
             return self.encode_embeddings(embeddings, ids)
         eos = tm.eos_token_id
+        if len(ids) % groups:
+            raise ValueError(f"{len(ids)} prompts do not split into {groups} groups of equal size")
         if eos == 2:  # the legacy rule (PLIP's config): the highest id is the end token
-            rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1))
+            rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1), groups)
         else:
-            rows = suffix_rows(self, ids, prefix, lambda t: (t == eos).int().argmax(dim=-1))
+            rows = suffix_rows(self, ids, prefix, lambda t: (t == eos).int().argmax(dim=-1), groups)
         if rows is None:
             return self.encode_embeddings(embeddings, ids)
         end = rows.end
         embeddings = embeddings.to(self._dtype)
         pos = tm.embeddings.position_embedding.weight[:end].to(embeddings.dtype)
-        x = rows.flatten(embeddings[:1, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
+        per = len(ids) // groups  # each group's prefix is read from its first prompt
+        x = rows.flatten(embeddings[::per, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
         mask = causal_mask(end, embeddings.dtype, embeddings.device)
         for layer in layers:
             attn = layer.self_attn

@@ -303,7 +303,8 @@ class OpenClipBackbone(Backbone):
         proj = m.text_projection
         return proj(x) if isinstance(proj, nn.Linear) else x @ proj
 
-    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int) -> torch.Tensor:
+    def encode_shared_prefix(self, embeddings: torch.Tensor, ids: torch.Tensor, prefix: int,
+                             groups: int = 1) -> torch.Tensor:
         """Causal towers: the prefix's hidden states (and its keys and values in every layer) are computed
         once, from the first prompt, and each prompt's suffix (up to the last end token) attends to them;
         tokens after the end token never reach the pooled feature. Equal to ``encode_embeddings`` up to
@@ -313,12 +314,15 @@ class OpenClipBackbone(Backbone):
         if self.is_bert or blocks is None or not all(_plain_block(b) for b in blocks) or prefix < 1:
             return self.encode_embeddings(embeddings, ids)
         embeddings = embeddings.to(self._dtype)
-        rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1))  # end token: the highest id
+        if len(ids) % groups:
+            raise ValueError(f"{len(ids)} prompts do not split into {groups} groups of equal size")
+        rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1), groups)  # end token: the highest id
         if rows is None:
             return self.encode_embeddings(embeddings, ids)
         end = rows.end
         pos = m.positional_embedding[:end].to(embeddings.dtype)
-        x = rows.flatten(embeddings[:1, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
+        per = len(ids) // groups  # each group's prefix is read from its first prompt
+        x = rows.flatten(embeddings[::per, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
         causal = m.attn_mask[:end, :end].to(embeddings.dtype)
         for block in blocks:
             q, k, v = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)

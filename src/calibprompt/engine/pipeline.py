@@ -69,6 +69,14 @@ def _file_stamps(backbone_cfg: dict) -> list:
     return [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
 
 
+def feature_cache(cache: FeatureCache | None, resolved: dict) -> FeatureCache:
+    """The feature cache of a run: ``cache`` (a sweep worker's shared one) at the precision the run's
+    ``encode.amp`` asks for, or a new one from the run's ``cache_dir`` and ``encode`` settings."""
+    if cache is None:
+        return FeatureCache(resolved.get("cache_dir"), **resolved["encode"])
+    return cache.with_amp(resolved["encode"].get("amp", "none"))
+
+
 def build_method(resolved: dict) -> Method:
     """The Method object of a resolved config's ``resolved_method`` section."""
     rm = resolved["resolved_method"]

@@ -63,7 +63,7 @@ class _Run:
     head_from: str | Path | None
     quiet: bool
     cache: FeatureCache
-    t0: float
+    prepared: float  # seconds this run spent up to its fit (its total adds its own fit and finish)
     timings: dict
     dataset: Any
     parts: tuple  # (train, val, test) samples
@@ -79,7 +79,11 @@ class _Run:
         return pipeline.fit_context(self.backbone, self.dataset, self.resolved, train_s, self.feats.train_views, val,
                                     self.device, progress=not self.quiet)
 
-    def fit(self):
+    def fit(self, ctx=None):
+        """Fit (or restore) this run's method; ``ctx``: its :meth:`fit_context`, when already built."""
+        if ctx is not None and self.head_from is None:
+            torch.manual_seed(int(self.resolved["seed"]))  # as pipeline.fit does
+            return self.method.fit(ctx)
         train_s, val_s, _ = self.parts
         return pipeline.fit(self.method, self.backbone, self.dataset, self.resolved, train_s, self.feats.train_views,
                             (self.feats.evals[1], val_s) if val_s else None, self.device, progress=not self.quiet,
@@ -127,7 +131,7 @@ def _prepare(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache 
     t = time.perf_counter()
     backbone = pipeline.loaded_backbone(resolved["backbone"], device)
     timings["load_backbone"] = time.perf_counter() - t
-    cache = cache or FeatureCache(resolved.get("cache_dir"), **resolved["encode"])
+    cache = pipeline.feature_cache(cache, resolved)
     method = pipeline.build_method(resolved)
     encoded_before = cache.encoded
 
@@ -135,11 +139,13 @@ def _prepare(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache 
     fits = head_from is None and (method.trains or method.train_views != "none")
     feats = pipeline.encode(cache, backbone, dataset, method, resolved, [test_s, val_s], train_s, fits, not quiet)
     timings["features"] = time.perf_counter() - t
-    return _Run(resolved, out_dir, run_hash, head_from, quiet, cache, t0, timings, dataset, (train_s, val_s, test_s),
+    return _Run(resolved, out_dir, run_hash, head_from, quiet, cache, time.perf_counter() - t0, timings, dataset,
+                (train_s, val_s, test_s),
                 device, backbone, method, cache.encoded - encoded_before, feats)
 
 
 def _finish(state: _Run, fitted) -> dict:
+    t_finish = time.perf_counter()
     resolved, out_dir, run_hash, timings = state.resolved, state.out_dir, state.run_hash, state.timings
     dataset, backbone, method, device = state.dataset, state.backbone, state.method, state.device
     train_s, val_s, test_s = state.parts
@@ -167,7 +173,7 @@ def _finish(state: _Run, fitted) -> dict:
     sets, abstain = pipeline.decide(test_probs, conformal, selective, dataset, test_s)
     decisions = _decision_metrics(test_probs, test_labels, conformal, selective, sets, abstain, metrics)
     timings["evaluate"] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - state.t0
+    timings["total"] = state.prepared + timings.get("train", 0.0) + time.perf_counter() - t_finish
     flags = run_flags(fitted.info, posthoc_info, metrics, test_labels, method.trains and state.head_from is None)
     for flag in flags:
         note(f"run {resolved.get('name') or out_dir}: {flag['message']}")
@@ -231,7 +237,10 @@ def run_many(cfgs: Sequence[dict], out_dirs: Sequence[str | Path], *, cache: Fea
                     states[i] = state
             except Exception as err:  # noqa: BLE001 - reported as that run's failure
                 out[i] = err
-        fitted = _fit_states(states, batch, max_prompts)
+        with contextlib.ExitStack() as logs:  # what the joint fit says reaches every run's log.txt
+            for state in states.values():
+                logs.enter_context(folder_log(state.out_dir))
+            fitted = _fit_states(states, batch, max_prompts)
         for i, state in states.items():
             try:
                 if isinstance(fitted[i], Exception):
@@ -250,13 +259,17 @@ def _fit_states(states: dict[int, _Run], batch: bool, max_prompts: int | None) -
 
     groups: dict = {}
     contexts = {}
+    fitted: dict = {}
     for i, state in states.items():
         key = None
-        if batch and state.head_from is None and hasattr(state.method, "batch_key"):
-            contexts[i] = state.fit_context()
-            key = state.method.batch_key(contexts[i])
+        try:
+            if batch and state.head_from is None and hasattr(state.method, "batch_key"):
+                contexts[i] = state.fit_context()
+                key = state.method.batch_key(contexts[i])
+        except Exception as err:  # noqa: BLE001 - that run's failure, not the unit's
+            fitted[i] = err
+            continue
         groups.setdefault(key if key is not None else ("alone", i), []).append(i)
-    fitted: dict = {}
     for key, members in groups.items():
         if len(members) > 1:
             try:
@@ -270,7 +283,7 @@ def _fit_states(states: dict[int, _Run], batch: bool, max_prompts: int | None) -
                      "fitting them one by one")
         for i in members:
             try:
-                fitted[i] = states[i].fit()
+                fitted[i] = states[i].fit(contexts.get(i))
             except Exception as err:  # noqa: BLE001
                 fitted[i] = err
     return fitted

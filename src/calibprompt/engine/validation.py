@@ -94,7 +94,7 @@ def validation_metrics(cfg: dict, cache: FeatureCache | None = None, return_head
     if not view.val:
         raise ValueError("the split has no validation shots (set val_shots >= 1)")
     backbone = pipeline.loaded_backbone(resolved["backbone"], device)
-    cache = cache or FeatureCache(resolved.get("cache_dir"), **resolved["encode"])
+    cache = pipeline.feature_cache(cache, resolved)
     method = pipeline.build_method(resolved)
     feats = pipeline.encode(cache, backbone, view, method, resolved, [view.val], view.train, True, False)
     (val_feats,) = feats.evals

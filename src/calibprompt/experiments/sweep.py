@@ -171,12 +171,20 @@ def plan_units(todo: list, batch: int) -> list[list]:
     ``--no-batch`` where many workers would otherwise idle)."""
     if batch <= 1:
         return [[item] for item in todo]
-    cap = batch
     groups: dict = {}
     for n, item in enumerate(todo):
         key = batch_group(item[0])
         groups.setdefault(key if key is not None else ("alone", n), []).append(item)
-    return [members[i : i + cap] for members in groups.values() for i in range(0, len(members), cap)]
+    units = []
+    for members in groups.values():  # near-equal units: 20 runs at most 16 per unit are 10 + 10, not 16 + 4
+        parts = -(-len(members) // batch)
+        size, extra = divmod(len(members), parts)
+        start = 0
+        for p in range(parts):
+            end = start + size + (p < extra)
+            units.append(members[start:end])
+            start = end
+    return units
 
 
 def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cache_root: str, log,
@@ -212,6 +220,11 @@ def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cac
         ex.close()
 
 
+def _together(result: dict) -> str:
+    batched = (result.get("train") or {}).get("batched")
+    return f", trained with {batched - 1} other(s)" if batched else ""
+
+
 def _record(spec: RunSpec, run_dir: Path, value: dict | None, error: str | None, outcome, share: int,
             store: ResultStore, sweep_id: str, summary: SweepSummary, prefix: str, log, mirror) -> None:
     """Store one run's outcome (``value``: what its task returned for it, or None with ``error``)."""
@@ -229,7 +242,7 @@ def _record(spec: RunSpec, run_dir: Path, value: dict | None, error: str | None,
                 mirror(result, run_dir)
             m = result["metrics"]
             log(f"{prefix} done   {spec.title}: acc {m['accuracy'] * 100:.2f}% ECE {m['ece'] * 100:.2f}% "
-                f"({seconds:.1f} s{f', trained with {share - 1} other(s)' if result.get('train', {}).get('batched') else ''})")
+                f"({seconds:.1f} s{_together(result)})")
             for flag in result.get("flags") or []:
                 log(f"{' ' * len(prefix)} flag   {flag['code']}: {flag['message']}")
             if result.get("flags"):

@@ -89,6 +89,18 @@ class FeatureCache:
                                "stream": noise.stream}
         return sha256_json(fields)
 
+    def with_amp(self, amp: str) -> "FeatureCache":
+        """This cache for an image tower run under ``amp``: itself when it matches, else a cache on the same
+        root with the same settings (kept, so its stores stay open). A run's config decides the precision,
+        not whoever built the cache (a sweep's workers share one per root)."""
+        if amp == self.amp:
+            return self
+        siblings = self.__dict__.setdefault("_siblings", {})
+        if amp not in siblings:
+            siblings[amp] = FeatureCache(self.root, self.memory is not None, self.workers, self.loader_kind,
+                                         self.batch_size, amp)
+        return siblings[amp]
+
     def store(self, weights: str, dim: int) -> FeatureStore:
         """The sharded store of the image tower with fingerprint ``weights`` under this cache's root."""
         if weights not in self._stores:

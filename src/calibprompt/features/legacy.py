@@ -41,6 +41,11 @@ def read_legacy(root: Path, weights: str, key: str, dim: int, digest) -> torch.T
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             feat = handle.get_tensor("feature")
+    except FileNotFoundError:  # moved into the store by another process meanwhile
+        return None
+    except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
+        return _discard(root, path, err)
+    try:
         if meta.get("key") != key:
             raise ValueError("it was stored under another key (another model, transform or image)")
         if feat.shape != (dim,) or not bool(torch.isfinite(feat).all()):
@@ -48,23 +53,34 @@ def read_legacy(root: Path, weights: str, key: str, dim: int, digest) -> torch.T
         if "sha256" not in meta:
             note(f"feature cache: entries under {root} written by an older calibprompt (no checksum) are "
                  "recomputed once", key=f"legacy:{root}")
-            path.unlink(missing_ok=True)
+            _unlink(path)
             return None
         if meta["sha256"] != digest(feat):
             raise ValueError("its checksum does not match its content")
-    except Exception as err:  # noqa: BLE001 - any unreadable entry is recomputed, never trusted
-        note(f"feature cache: recomputing damaged entries under {root} (first: {path.name}: {err})",
-             key=f"damaged:{root}")
-        log.info("discarding invalid cache entry %s (%s)", path, err)
-        path.unlink(missing_ok=True)
-        return None
+    except ValueError as err:
+        return _discard(root, path, err)
     return feat
+
+
+def _discard(root: Path, path: Path, err: Exception) -> None:
+    note(f"feature cache: recomputing damaged entries under {root} (first: {path.name}: {err})",
+         key=f"damaged:{root}")
+    log.info("discarding invalid cache entry %s (%s)", path, err)
+    _unlink(path)
+    return None
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:  # a read-only cache: the entry is skipped, not trusted
+        pass
 
 
 def remove_moved(root: Path, weights: str, keys: list[str]) -> None:
     """Delete the per-image files of ``keys`` (now in the store) and the shard folders left empty."""
     for key in keys:
-        legacy_path(root, weights, key).unlink(missing_ok=True)
+        _unlink(legacy_path(root, weights, key))
     for folder in legacy_folders(root, weights):
         try:
             folder.rmdir()  # only when empty

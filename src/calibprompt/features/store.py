@@ -78,6 +78,8 @@ class FeatureStore:
         self._index: dict[bytes, int] = {}  # key -> global row id (first segment wins)
         self._starts = np.zeros(0, dtype=np.int64)
         self._lock = threading.RLock()
+        self._verified: set[str] = set()  # segment names whose sha256 this process has checked
+        self._undeletable: set[str] = set()  # merged segments the OS would not let us remove (Windows)
         self.files_written = 0
 
     # ---- reading ------------------------------------------------------------------------------
@@ -114,12 +116,21 @@ class FeatureStore:
 
     def refresh(self) -> None:
         """Open the segments that appeared in the folder since the last look (other writers, other
-        processes); a segment removed meanwhile by a compaction is skipped (its rows are in the merged one)."""
+        processes). When segments this process holds were removed (merged by a compaction here or
+        elsewhere), the index is rebuilt from the files there now, so their mappings (and descriptors,
+        and the disk space of the removed files) are let go."""
         with self._lock:
-            for path in self._listing():
+            listing = self._listing()
+            names = {p.name for p in listing}
+            if any(seg.path.name not in names for seg in self._segments):
+                self._reset()
+            for path in listing:
                 if path.name not in self._seen:
-                    self._seen.add(path.name)
                     self._open(path)
+
+    def _reset(self) -> None:
+        self._segments, self._seen, self._index = [], set(), {}
+        self._starts = np.zeros(0, dtype=np.int64)
 
     def _listing(self) -> list[Path]:
         try:
@@ -132,28 +143,43 @@ class FeatureStore:
             meta, tensors = _map(path)
         except FileNotFoundError:
             return  # merged away between the listing and now
-        except (OSError, ValueError, KeyError) as err:
+        except (ValueError, KeyError) as err:
             return self._reject(path, f"cannot be read ({err})")
+        except OSError as err:  # too many open files, no permission, I/O error: not the file's fault
+            log.warning("feature store: cannot open %s (%s); its rows are computed again", path, err)
+            return
+        self._seen.add(path.name)
         if meta.get("format") != FORMAT or meta.get("weights") != self.weights:
             return self._reject(path, f"was written for other weights or format ({meta.get('weights', '?')[:16]})")
         keys, feats, digests = tensors.get("keys"), tensors.get("features"), tensors.get("row_digest")
         if keys is None or feats is None or digests is None or feats.shape[1:] != (self.dim,) or \
                 keys.shape != (len(feats), KEY_BYTES) or digests.shape != (len(feats), DIGEST_BYTES):
             return self._reject(path, f"its tensors do not fit {self.dim}-d rows")
-        if _sha256(keys, feats, digests) != meta.get("sha256"):
-            return self._salvage(path, keys, feats, digests)
+        if path.name not in self._verified:  # once per process: segment files never change once named
+            if _sha256(keys, feats, digests) != meta.get("sha256"):
+                return self._salvage(path, keys, feats, digests)
+            self._verified.add(path.name)
         self._add(_Segment(path, keys, feats, digests, start=0))
 
     def _add(self, segment: _Segment) -> None:
+        """Index a segment's rows. A key held twice (two writers without the lock) resolves to the copy in
+        the segment whose name sorts first (the oldest), whatever order this process opened them in."""
         segment.start = int(self._starts[-1] + self._segments[-1].rows) if self._segments else 0
         self._segments.append(segment)
         self._starts = np.append(self._starts, segment.start)
         flat = segment.keys.tobytes()
-        setdefault = self._index.setdefault
+        index = self._index
         for i in range(segment.rows):
-            setdefault(flat[i * KEY_BYTES : (i + 1) * KEY_BYTES], segment.start + i)
+            key = flat[i * KEY_BYTES : (i + 1) * KEY_BYTES]
+            held = index.get(key)
+            if held is None or self._segment_of(held).path.name > segment.path.name:
+                index[key] = segment.start + i
+
+    def _segment_of(self, row: int) -> _Segment:
+        return self._segments[int(np.searchsorted(self._starts, row, side="right")) - 1]
 
     def _reject(self, path: Path, why: str) -> None:
+        self._seen.add(path.name)  # not opened again by this process, even where it cannot be removed
         _damage_note(self.folder, path, why)
         _remove(path)
 
@@ -173,22 +199,28 @@ class FeatureStore:
 
     # ---- writing ------------------------------------------------------------------------------
     def put(self, keys: Sequence[str], rows: torch.Tensor | np.ndarray) -> None:
-        """Append ``rows`` (N, D) under ``keys`` as one new segment (atomic); merge segments past the limit.
-        Raises OSError when the folder cannot be written (the caller decides what that means)."""
+        """Append ``rows`` (N, D) under ``keys`` as one new segment (atomic), leaving out keys the store
+        already holds; merge segments past the limit. Raises OSError when the folder cannot be written
+        (the caller decides what that means)."""
         rows = np.ascontiguousarray(rows.detach().cpu().float().numpy() if torch.is_tensor(rows) else rows,
                                     dtype=np.float32)
         if rows.shape != (len(keys), self.dim):
             raise ValueError(f"feature store: {len(keys)} keys but rows of shape {rows.shape} (expected (N, {self.dim}))")
         if not len(keys):
             return
-        binary = np.frombuffer(b"".join(bytes.fromhex(k) for k in keys), dtype=np.uint8).reshape(-1, KEY_BYTES)
-        digests = np.frombuffer(b"".join(_row_digest(k, r) for k, r in zip(binary, rows)),
-                                dtype=np.uint8).reshape(-1, DIGEST_BYTES)
         with self._lock:
+            self.refresh()  # rows another writer stored meanwhile are not stored twice
+            new = [i for i, k in enumerate(keys) if bytes.fromhex(k) not in self._index]
+            if not new:
+                return
+            rows = rows[new]
+            binary = np.frombuffer(b"".join(bytes.fromhex(keys[i]) for i in new), dtype=np.uint8).reshape(-1, KEY_BYTES)
+            digests = np.frombuffer(b"".join(_row_digest(k, r) for k, r in zip(binary, rows)),
+                                    dtype=np.uint8).reshape(-1, DIGEST_BYTES)
             self._write(binary, rows, digests)
             self.compact()
 
-    def _write(self, keys: np.ndarray, feats: np.ndarray, digests: np.ndarray) -> Path:
+    def _write(self, keys: np.ndarray, feats: np.ndarray, digests: np.ndarray, name: str | None = None) -> Path:
         from safetensors.numpy import save
 
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -196,7 +228,7 @@ class FeatureStore:
                 "sha256": _sha256(keys, feats, digests)}
         data = save({"keys": keys, "features": feats, "row_digest": digests}, metadata=meta)
         # Names sort by creation time, so the oldest copy of a key wins in every process.
-        path = self.folder / f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.safetensors"
+        path = self.folder / (name or f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.safetensors")
         tmp = self.folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             _write_bytes(tmp, data)
@@ -205,33 +237,38 @@ class FeatureStore:
             tmp.unlink(missing_ok=True)
             raise
         self.files_written += 1
-        self._seen.add(path.name)
-        self._open_written(path)
+        self._verified.add(path.name)
+        self._open(path)
         return path
-
-    def _open_written(self, path: Path) -> None:
-        _, tensors = _map(path)
-        self._add(_Segment(path, tensors["keys"], tensors["features"], tensors["row_digest"], start=0))
 
     def compact(self, limit: int = MAX_SEGMENTS) -> int:
         """Merge the smaller half of the segments into one when there are more than ``limit``; returns the
         number of files removed. Safe beside readers and writers in other processes: the merged segment is
-        in place before the old ones go, and a duplicate row is harmless (the oldest wins)."""
+        in place before the old ones go, and it holds only the rows that win their key (the oldest copy),
+        under a name that sorts where its oldest member did, so every process resolves keys as before."""
         with self._lock:
             self.refresh()
-            live = [s for s in self._segments if s.path.exists()]
+            live = [seg for seg in self._segments if seg.path.name not in self._undeletable]
             if len(live) <= limit:
                 return 0
-            small = sorted(live, key=lambda s: s.rows)[: max(2, len(live) // 2)]
-            keys = np.concatenate([s.keys for s in small])
-            feats = np.concatenate([s.features for s in small])
-            digests = np.concatenate([s.digests for s in small])
-            _, first = np.unique(keys, axis=0, return_index=True)  # one copy of each key
-            first.sort()
-            self._write(keys[first], feats[first], digests[first])
-            for s in small:
-                _remove(s.path)  # still mapped here and elsewhere: POSIX keeps the data (Windows: merged later)
-            return len(small)
+            small = sorted(sorted(live, key=lambda seg: seg.rows)[: max(2, len(live) // 2)],
+                           key=lambda seg: seg.path.name)
+            keep = [np.array([self._index.get(bytes(seg.keys[i])) == seg.start + i for i in range(seg.rows)],
+                             dtype=bool) for seg in small]
+            oldest = small[0].path.name
+            self._write(np.concatenate([seg.keys[m] for seg, m in zip(small, keep)]),
+                        np.concatenate([seg.features[m] for seg, m in zip(small, keep)]),
+                        np.concatenate([seg.digests[m] for seg, m in zip(small, keep)]),
+                        name=oldest.replace(".safetensors", "-m.safetensors"))
+            paths = [seg.path for seg in small]
+            del small, live
+            self._reset()  # let go of this process's mappings before removing the files
+            for path in paths:
+                if not _remove(path):
+                    self._undeletable.add(path.name)
+            _remove_stale_temporaries(self.folder)
+            self.refresh()
+            return len(paths)
 
     def files(self) -> list[Path]:
         return self._listing()
@@ -280,11 +317,24 @@ def _damage_note(folder: Path, path: Path, why: str) -> None:
     log.info("feature store: %s %s", path, why)
 
 
-def _remove(path: Path) -> None:
+def _remove(path: Path) -> bool:
     try:
         path.unlink(missing_ok=True)
-    except OSError as err:  # a read-only folder: the file is skipped by this process and reported again later
+        return True
+    except OSError as err:  # a read-only folder, or a file another process maps (Windows)
         log.info("feature store: cannot remove %s: %s", path, err)
+        return False
+
+
+def _remove_stale_temporaries(folder: Path, older_than: float = 3600.0) -> None:
+    """Temporary files of writers killed before their rename (never read; removed after an hour)."""
+    now = time.time()
+    for tmp in folder.glob(".seg-*.tmp"):
+        try:
+            if now - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
+        except OSError:
+            pass
 
 
 def _write_bytes(path: Path, data: bytes) -> None:

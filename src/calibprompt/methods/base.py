@@ -44,6 +44,14 @@ class FitContext:
     #: (K, D) the same zero-shot text features before L2-normalisation (CLAP's and ZS-LP's start)
     zs_text_raw: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # Checked once here, before any device work: the losses check labels per call only on the CPU
+        # (on an accelerator that check would wait for the device at every step).
+        for name, labels in (("training", self.labels), ("validation", self.val_labels)):
+            if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+                raise ValueError(f"{name} labels must lie in [0, {self.num_classes - 1}] ({self.num_classes} classes), "
+                                 f"got values in [{int(labels.min())}, {int(labels.max())}]")
+
     @property
     def num_classes(self) -> int:
         return len(self.classnames)

@@ -54,7 +54,7 @@ class CoOp(Method):
         p, tr = ctx.prompt_cfg, ctx.train_cfg
         return (id(ctx.backbone), tuple(ctx.classnames), str(ctx.device), int(p["n_ctx"]), p["position"], p["init"],
                 int(tr["epochs"]), int(tr["batch_size"]), bool(tr["drop_last"]), int(len(ctx.labels)),
-                ctx.zs_text.numpy().tobytes())
+                ctx.zs_text.detach().cpu().numpy().tobytes())
 
     def from_prompt(self, ctx: FitContext, path: str | Path) -> FitResult:
         """The head of context vectors saved by an earlier run (``prompt.safetensors``)."""

@@ -164,6 +164,10 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
     ``views``/``labels`` may be one tensor for all configurations or one per configuration (e.g. seeds
     with their own few-shot splits); every configuration must then have the same number of training images.
 
+    With ``shared_prefix`` settings (the default) and shared contexts before the class names, a causal
+    text tower runs each configuration's start token and context once per step and only the class
+    suffixes per class (``Backbone.encode_shared_prefix`` with one group per configuration).
+
     Requirements: every learner has the same prompt layout (token ids, n_ctx, class position; CSC and
     shared contexts may be mixed), and every configuration the same ``epochs``, ``batch_size`` and
     ``drop_last`` so their steps line up; learning rate, warm-up, momentum, weight decay and optimizer
@@ -228,6 +232,11 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
         learner.train()
     stop = n - n % base.batch_size if drop_last else n
     tokens_per_cfg = int(first.ids.numel())
+    # The prompts' token ids do not change during training: one tensor per chunk, so the shared-prefix
+    # pass reads each chunk's layout once (Backbone.encode_shared_prefix), not every step.
+    chunk_ids = [torch.cat([learners[c].ids for c in chunk]) for chunk in chunks]
+    prefix = 1 + first.n_ctx if base.shared_prefix and all(
+        learner.position == "end" and learner.ctx.dim() == 2 for learner in learners) else 0
     for epoch in range(base.epochs):
         if bar is not None and epoch:
             bar.update(1)
@@ -239,11 +248,13 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
         for begin in range(0, stop, base.batch_size):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            for chunk in chunks:
-                pieces = [learners[c]() for c in chunk]
-                embeddings = torch.cat([emb for emb, _ in pieces])
-                ids = torch.cat([ids for _, ids in pieces])
-                text = F.normalize(backbone.encode_embeddings(embeddings, ids).float(), dim=-1)
+            for chunk, ids in zip(chunks, chunk_ids):
+                embeddings = torch.cat([learners[c]()[0] for c in chunk])
+                if prefix:  # each configuration's start token and context once, its class suffixes against them
+                    encoded = backbone.encode_shared_prefix(embeddings, ids, prefix, groups=len(chunk))
+                else:
+                    encoded = backbone.encode_embeddings(embeddings, ids)
+                text = F.normalize(encoded.float(), dim=-1)
                 text = text.view(len(chunk), first.n_classes, -1)
                 total = None
                 for j, c in enumerate(chunk):

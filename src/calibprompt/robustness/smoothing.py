@@ -59,7 +59,6 @@ def certify_run(run_dir: str | Path, settings: CertifySettings, out_dir: str | P
     into ``out_dir`` (default: the run folder) and returns what certify.json holds."""
     from calibprompt.engine import pipeline
     from calibprompt.engine.artifacts import finished_result, versions
-    from calibprompt.features import FeatureCache
     from calibprompt.methods import METHODS, load_head
 
     settings.check()
@@ -81,7 +80,7 @@ def certify_run(run_dir: str | Path, settings: CertifySettings, out_dir: str | P
     samples = _subset(split.samples_for("test"), settings.max_images)
     labels = np.array([s.label for s in samples])
     backbone = pipeline.loaded_backbone(resolved["backbone"], device)
-    cache = cache or FeatureCache(resolved.get("cache_dir"), **resolved["encode"])
+    cache = pipeline.feature_cache(cache, resolved)
     head, _meta = load_head(run_dir / "head.safetensors", num_classes=len(dataset.classnames))
     head = head.to(device)
     learner, start_ctx = (_learner(resolved, run_dir, backbone, dataset, device) if settings.tta else (None, None))
