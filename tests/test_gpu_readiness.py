@@ -149,3 +149,54 @@ def test_fit_context_checks_labels_once_before_any_device_work():
     with pytest.raises(ValueError, match=r"training labels must lie in \[0, 1\] \(2 classes\), got values in \[0, 5\]"):
         FitContext(backbone=None, classnames=["a", "b"], train_views=torch.zeros(2, 1, 4), labels=torch.tensor([0, 5]),
                    zs_text=torch.zeros(2, 4), scale=1.0, seed=0, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_prompt_training_follows_full_precision(tiny, amp):
+    """train.amp runs the text pass and losses under autocast (fp16 with loss scaling); on the CPU the
+    trained context stays close to the fp32 one, and the batched trainer accepts it too."""
+    from calibprompt.losses import build_objective
+    from calibprompt.methods.prompt_training import train_prompts_batched
+
+    backbone, dataset = tiny
+    gen = torch.Generator().manual_seed(0)
+    views, labels = torch.randn(8, 1, backbone.info.embed_dim, generator=gen), torch.tensor([0, 1] * 4)
+    objective = build_objective([{"name": "CE"}, {"name": "AS", "weight": 1.0}])
+    trained = {}
+    for mode in ("none", amp):
+        learner = PromptLearner(backbone, list(dataset.classnames), n_ctx=4, generator=torch.Generator().manual_seed(0))
+        start = learner.ctx.detach().clone()
+        result = train_prompts(backbone, learner, objective, views, labels,
+                               TrainSettings(epochs=3, batch_size=4, optimizer="adam", lr=0.01, amp=mode), seed=0)
+        trained[mode] = (learner.ctx.detach().clone(), result.losses, result.skipped_steps)
+    moved = (trained["none"][0] - start).abs().max()
+    assert moved > 1e-3  # training did something
+    assert torch.isfinite(trained[amp][0]).all() and (trained[amp][0] - start).abs().max() > 1e-3
+    if amp == "bf16":
+        assert (trained[amp][0] - trained["none"][0]).abs().max() < 0.2 * moved
+        assert trained[amp][1] == pytest.approx(trained["none"][1], rel=0.05)
+    # fp16: the loss scaler may skip steps whose scaled gradients overflow, so 6 steps can end elsewhere
+    # than fp32's 6; what is checked is that it trains, stays finite, and batching does not change it
+    joint = [PromptLearner(backbone, list(dataset.classnames), n_ctx=4, generator=torch.Generator().manual_seed(s))
+             for s in range(2)]
+    results = train_prompts_batched(backbone, joint, [objective] * 2, views, labels,
+                                    TrainSettings(epochs=3, batch_size=4, optimizer="adam", lr=0.01, amp=amp), seeds=0)
+    assert all(len(r.losses) == 3 for r in results) and all(torch.isfinite(j.ctx).all() for j in joint)
+    # each configuration keeps its own loss scaler: trained together it ends where it ends alone
+    assert (joint[0].ctx - trained[amp][0]).abs().max() < 1e-3 * moved + 1e-6
+    assert results[0].skipped_steps == trained[amp][2]  # the same steps skipped as alone (none for bf16)
+    assert amp == "fp16" or trained[amp][2] == 0
+    with pytest.raises(ValueError, match="train.amp 'fp8'"):
+        TrainSettings(amp="fp8").validate()
+
+
+def test_fp16_training_refuses_a_half_precision_context(tiny):
+    from calibprompt.methods.prompt_training import grad_scaler
+
+    backbone, dataset = tiny
+    learner = PromptLearner(backbone, list(dataset.classnames), n_ctx=4, generator=torch.Generator().manual_seed(0))
+    assert grad_scaler(torch.device("cpu"), "bf16", learner) is None
+    assert grad_scaler(torch.device("cpu"), "fp16", learner).get_scale() == 2.0**10
+    learner.ctx.data = learner.ctx.data.half()  # what a backbone loaded in fp16 gives
+    with pytest.raises(ValueError, match="fp16 needs a float32 context"):
+        grad_scaler(torch.device("cpu"), "fp16", learner)

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
         "augment": True,  # False: every epoch uses the test transform (no crop/flip)
         "aug_seed": 0,
         "shared_prefix": True,  # causal text towers compute [SOT, ctx] once per step (docs/performance.md §8)
+        "amp": "none",  # mixed precision of the text pass: bf16, fp16 (loss-scaled) or none (docs/performance.md §11)
     },
     # bootstrap: resamples of the test images for the 95% intervals of ECE and accuracy (0: none)
     "eval": {"n_bins": 10, "batch_size": 100, "bootstrap": 1000},
@@ -64,7 +65,9 @@ DEFAULTS: dict[str, Any] = {
 OFF_WHEN_NULL = {"conformal": "alpha", "selective": "target_risk"}  # left out of the run identity while off
 OPEN_SECTIONS = ("backbone", "data", "method")
 NOT_HASHED = ("device", "cache_dir", "name", "encode", "eval.bootstrap", "tracking",
-              "train.shared_prefix")  # the shared-prefix pass equals the full one within 1e-5  # none of them changes a result
+              "train.shared_prefix",  # the shared-prefix pass equals the full one within 1e-5
+              "train.amp")  # none of them changes a result, except amp: hashed below when it is on
+AMP_KEYS = ("encode.amp", "train.amp")
 
 
 class _Loader(yaml.SafeLoader):
@@ -163,7 +166,7 @@ SCHEMA: dict[str, tuple] = {
     "train.warmup_epochs": ("int", 0, None), "train.warmup_lr": ("float", 0, None),
     "train.optimizer": (("sgd", "adam"), None, None), "train.drop_last": ("bool", None, None),
     "train.n_views": ("int", 1, None), "train.augment": ("bool", None, None), "train.aug_seed": ("int", 0, None),
-    "train.shared_prefix": ("bool", None, None),
+    "train.shared_prefix": ("bool", None, None), "train.amp": (("none", "bf16", "fp16"), None, None),
     "eval.n_bins": ("int", 1, None), "eval.batch_size": ("int", 1, None), "eval.bootstrap": ("int", 0, None), "encode.batch_size": ("int", 1, None),
     "encode.amp": (("none", "bf16", "fp16"), None, None),
     "conformal.alpha": ("float", "(0", 0.99), "conformal.score": (("lac", "aps", "raps"), None, None),
@@ -407,9 +410,11 @@ def config_hash(resolved: dict) -> str:
         section, _, key = dotted.partition(".")
         if key and isinstance(kept.get(section), dict):
             kept[section] = {k: v for k, v in kept[section].items() if k != key}
-    amp = (resolved.get("encode") or {}).get("amp", "none")
-    if amp != "none":  # mixed-precision features are other features: another run (fp32 runs keep their identity)
-        kept["encode.amp"] = amp
+    for dotted in AMP_KEYS:  # mixed precision gives other numbers: another run (fp32 runs keep their identity)
+        section, _, key = dotted.partition(".")
+        amp = (resolved.get(section) or {}).get(key, "none")
+        if amp != "none":
+            kept[dotted] = amp
     return sha256_json(kept)
 
 

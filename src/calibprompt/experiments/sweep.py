@@ -161,7 +161,7 @@ def batch_group(spec: RunSpec) -> str | None:
     tr = resolved["train"]
     return sha256_json({k: resolved.get(k) for k in ("backbone", "data", "shots", "val_shots", "split_file",
                                                       "split_by", "prompt", "device")}
-                       | {"train": [tr["epochs"], tr["batch_size"], tr["drop_last"]]})
+                       | {"train": [tr["epochs"], tr["batch_size"], tr["drop_last"], tr.get("amp", "none")]})
 
 
 def plan_units(todo: list, batch: int) -> list[list]:

@@ -53,7 +53,7 @@ class CoOp(Method):
             return None
         p, tr = ctx.prompt_cfg, ctx.train_cfg
         return (id(ctx.backbone), tuple(ctx.classnames), str(ctx.device), int(p["n_ctx"]), p["position"], p["init"],
-                int(tr["epochs"]), int(tr["batch_size"]), bool(tr["drop_last"]), int(len(ctx.labels)),
+                int(tr["epochs"]), int(tr["batch_size"]), bool(tr["drop_last"]), tr.get("amp", "none"), int(len(ctx.labels)),
                 ctx.zs_text.detach().cpu().numpy().tobytes())
 
     def from_prompt(self, ctx: FitContext, path: str | Path) -> FitResult:
@@ -94,8 +94,16 @@ def _settings(ctx: FitContext) -> TrainSettings:
 
 
 def _train_info(result: TrainResult, ctx: FitContext) -> dict:
-    return {"steps": result.steps, "epoch_losses": result.losses, "text_tokens": result.text_tokens,
+    info = {"steps": result.steps, "epoch_losses": result.losses, "text_tokens": result.text_tokens,
             "n_train": int(len(ctx.labels)), "seconds": result.seconds}
+    if ctx.train_cfg.get("amp") == "fp16":
+        info["skipped_steps"] = result.skipped_steps
+        if result.skipped_steps * 4 > result.steps:
+            from calibprompt.progress import note
+
+            note(f"train.amp fp16: the loss scaler skipped {result.skipped_steps} of {result.steps} steps "
+                 "(gradients overflowed); use bf16 or train.amp: none")
+    return info
 
 
 def fit_together(methods: list[CoOp], ctxs: list[FitContext], max_prompts: int | None = None) -> list[FitResult]:

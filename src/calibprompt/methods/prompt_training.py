@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from calibprompt.backbones.base import Backbone
+from calibprompt.features.cache import AMP_DTYPES, autocast
 from calibprompt.methods.prompt_learner import PromptLearner
 from calibprompt.progress import progress as make_progress
 
@@ -40,10 +41,13 @@ class TrainSettings:
     optimizer: str = "sgd"
     drop_last: bool = True  # applied only when the training set has >= batch_size images (Dassl)
     shared_prefix: bool = True  # causal towers: the start token and shared context once per step
+    amp: str = "none"  # mixed precision of the text pass and losses: "bf16", "fp16" (loss-scaled) or "none"
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"train.optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"train.amp {self.amp!r} is not one of {tuple(AMP_DTYPES)}")
         for key in ("epochs", "batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"train.{key} must be >= 1, got {getattr(self, key)}")
@@ -64,6 +68,7 @@ class TrainResult:
     steps: int = 0
     seconds: float = 0.0
     text_tokens: int = 0  # token positions processed by the text encoder (forward)
+    skipped_steps: int = 0  # fp16 only: steps the loss scaler skipped because gradients overflowed
 
 
 def make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -104,9 +109,11 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
     check_labels(labels, learner.n_classes)
     drop_last = settings.drop_last and n >= settings.batch_size
     # Batch order and views are drawn on the CPU (the same stream on every device) and moved once per
-    # epoch; losses stay on the device until the epoch ends: no host sync inside a step.
+    # epoch; losses stay on the device until the epoch ends: no host sync inside a step (fp16 loss scaling
+    # aside: deciding to skip a step reads its scale).
     schedule = view_schedule(n, views.shape[1], settings.epochs, generator).to(device)
     optimizer = make_optimizer([learner.ctx], settings)
+    scaler = grad_scaler(device, settings.amp, learner)
     scale = backbone.logit_scale.to(device).float()
     views, labels = views.to(device), labels.to(device)
     result = TrainResult()
@@ -122,7 +129,8 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
         for begin in range(0, stop, settings.batch_size):
             idx = order[begin : begin + settings.batch_size]
             feats = views[idx, schedule[epoch, idx]]
-            text = learner.text_features(backbone, shared_prefix=settings.shared_prefix)
+            with autocast(device, settings.amp):  # the text tower only: logits and losses stay float32
+                text = learner.text_features(backbone, shared_prefix=settings.shared_prefix)
             logits = class_logits(feats, text, scale)
             extra = {}
             if zs_text_features is not None and needs & {"zs_logits", "zs_text_features"}:
@@ -130,8 +138,7 @@ def train_prompts(backbone: Backbone, learner: PromptLearner, objective, views: 
                          "zs_text_features": zs_text_features}
             loss = objective(logits, labels[idx], text, **extra)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            result.skipped_steps += step(loss, optimizer, scaler)
             epoch_losses.append(loss.detach())
             result.steps += 1
             result.text_tokens += learner.ids.numel()
@@ -222,6 +229,11 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
     generators = [torch.Generator().manual_seed(seed) for seed in seed_list]
     schedules = [view_schedule(n, v.shape[1], base.epochs, g).to(device) for v, g in zip(views_list, generators)]
     optimizers = [make_optimizer([learner.ctx], s) for learner, s in zip(learners, settings_list)]
+    if len({s.amp for s in settings_list}) > 1:
+        raise ValueError("batched configurations need one train.amp (their text passes are one pass)")
+    # One loss scaler per configuration: each loss reaches only its own context, so scaling each by its own
+    # factor gives every configuration the steps (and skips) it would have alone.
+    scalers = [grad_scaler(device, s.amp, learner) for s, learner in zip(settings_list, learners)]
     scale = backbone.logit_scale.to(device).float()
     if zs_text_features is not None:
         zs_text_features = zs_text_features.to(device)
@@ -249,11 +261,12 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             for chunk, ids in zip(chunks, chunk_ids):
-                embeddings = torch.cat([learners[c]()[0] for c in chunk])
-                if prefix:  # each configuration's start token and context once, its class suffixes against them
-                    encoded = backbone.encode_shared_prefix(embeddings, ids, prefix, groups=len(chunk))
-                else:
-                    encoded = backbone.encode_embeddings(embeddings, ids)
+                with autocast(device, base.amp):  # the text tower only: logits and losses stay float32
+                    embeddings = torch.cat([learners[c]()[0] for c in chunk])
+                    if prefix:  # each configuration's start token and context once, its class suffixes against them
+                        encoded = backbone.encode_shared_prefix(embeddings, ids, prefix, groups=len(chunk))
+                    else:
+                        encoded = backbone.encode_embeddings(embeddings, ids)
                 text = F.normalize(encoded.float(), dim=-1)
                 text = text.view(len(chunk), first.n_classes, -1)
                 total = None
@@ -267,10 +280,11 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
                     loss = objectives[c](class_logits(feats, text[j], scale), labels_list[c][idx],
                                          text[j], **extra)
                     epoch_losses[c].append(loss.detach())
+                    loss = loss if scalers[c] is None else scalers[c].scale(loss)
                     total = loss if total is None else total + loss
                 total.backward()
-            for c, optimizer in enumerate(optimizers):
-                optimizer.step()
+            for c in range(n_cfg):
+                results[c].skipped_steps += step(None, optimizers[c], scalers[c])
                 results[c].steps += 1
                 results[c].text_tokens += tokens_per_cfg
         for c, losses in enumerate(epoch_losses):
@@ -284,6 +298,40 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
     for result in results:
         result.seconds = share
     return results
+
+
+FP16_INIT_SCALE = 2.0**10  # torch's 2**16 overflows the first steps of prompt tuning (few steps, all count)
+
+
+def grad_scaler(device: torch.device, amp: str, learner: PromptLearner | None = None):
+    """A loss scaler for fp16 training (its 5-bit exponent underflows small gradients otherwise); None for
+    bf16 and full precision, which need none. The context must be float32 (a backbone loaded in fp16 gives
+    an fp16 context, whose gradients the scaler cannot unscale)."""
+    if amp != "fp16":
+        return None
+    if learner is not None and learner.ctx.dtype != torch.float32:
+        raise ValueError(f"train.amp fp16 needs a float32 context, but this backbone gives {learner.ctx.dtype} "
+                         "(it was loaded in half precision): load it in fp32 (backbone precision) or use "
+                         "train.amp: none")
+    if hasattr(torch.amp, "GradScaler"):  # torch >= 2.3, any device
+        return torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE)
+    if device.type == "cuda":
+        return torch.cuda.amp.GradScaler(init_scale=FP16_INIT_SCALE)
+    raise ValueError("train.amp fp16 on the CPU needs torch >= 2.3; use bf16")
+
+
+def step(loss: torch.Tensor | None, optimizer, scaler) -> int:
+    """Back-propagate ``loss`` (unless done already: None) and step ``optimizer``, through ``scaler`` when
+    there is one; returns 1 when the scaler skipped the step (gradients overflowed; it lowers the scale)."""
+    if loss is not None:
+        (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is None:
+        optimizer.step()
+        return 0
+    before = scaler.get_scale()  # fp16 only: one read from the device per step
+    scaler.step(optimizer)
+    scaler.update()
+    return int(scaler.get_scale() < before)
 
 
 def check_labels(labels: torch.Tensor, n_classes: int) -> None:
