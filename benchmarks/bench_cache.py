@@ -62,13 +62,13 @@ def one(phase: str, folder: str, n: int, dim: int) -> dict:
         got, missing = FeatureStore(folder, WEIGHTS, dim).get(keys)
         out = {"missing": len(missing), "identical": bool(torch.equal(got, rows))}
     elif phase == "legacy-write":
-        from calibprompt.features.cache import _digest
+        from calibprompt.features.legacy import digest
         from safetensors.torch import save_file
 
         for key, row in zip(keys, rows):
             path = Path(folder) / key[:2] / f"{key}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"feature": row.clone()}, str(path), metadata={"key": key, "sha256": _digest(row)})
+            save_file({"feature": row.clone()}, str(path), metadata={"key": key, "sha256": digest(row)})
         out = {}
     else:  # legacy-read
         from safetensors.torch import load_file

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from calibprompt.features import FeatureCache
-from calibprompt.features.cache import _digest
+from calibprompt.features.legacy import digest
 from calibprompt.features.store import MAX_SEGMENTS, FeatureStore
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,7 +159,7 @@ def _write_per_image(root: Path, weights: str, key: str, feat: torch.Tensor, che
     """An entry as calibprompt wrote them before the store: one safetensors file per feature."""
     path = root / weights[:16] / key[:2] / f"{key}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"key": key, **({"sha256": _digest(feat)} if checksum else {})}
+    meta = {"key": key, **({"sha256": digest(feat)} if checksum else {})}
     save_file({"feature": feat.contiguous()}, str(path), metadata=meta)
     return path
 

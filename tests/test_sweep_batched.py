@@ -13,7 +13,7 @@ import yaml
 
 from calibprompt.cli import main
 from calibprompt.experiments import Grid, run_sweep
-from calibprompt.experiments.sweep import batch_group, plan_units
+from calibprompt.experiments.sweep import plan_units
 from tests.conftest import require_shared
 from tests.tiny_models import tiny_model_dir
 
@@ -79,7 +79,7 @@ def test_saved_prompts_of_batched_runs_are_the_ones_their_metrics_come_from(setu
 
 def test_units_group_prompt_methods_only_and_respect_the_cap(setup):
     specs = Grid.load(setup["grid"]).expand()
-    keys = {s.method: batch_group(s) for s in specs}
+    keys = {s.method: s.batch_group for s in specs}
     assert keys["linear-probe"] is None and keys["coop-ce"] == keys["calibprompt"] is not None
     todo = [(s, Path("x") / s.run_id) for s in specs]
     units = plan_units(todo, batch=3)

@@ -98,7 +98,7 @@ def test_full_disk_under_the_cache_does_not_fail_the_run(tmp_path, model, images
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(store_module, "_write_bytes", full)
+    monkeypatch.setattr(store_module, "atomic_write_bytes", full)
     with caplog.at_level(logging.WARNING, logger="calibprompt"):
         result = run(_cfg(tmp_path, model, images), tmp_path / "a", quiet=True,
                      cache=FeatureCache(tmp_path / "cache"))

@@ -187,21 +187,12 @@ class HFClipBackbone(Backbone):
         layers = getattr(getattr(tm, "encoder", None), "layers", None)
         if layers is None or prefix < 1 or not all(_plain_layer(layer) for layer in layers):
             return self.encode_embeddings(embeddings, ids)
-        eos = tm.eos_token_id
-        if len(ids) % groups:
-            raise ValueError(f"{len(ids)} prompts do not split into {groups} groups of equal size")
-        if eos == 2:  # the legacy rule (PLIP's config): the highest id is the end token
-            rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1), groups)
-        else:
-            rows = suffix_rows(self, ids, prefix, lambda t: (t == eos).int().argmax(dim=-1), groups)
+        rows = suffix_rows(self, ids, prefix, self.pool_positions, groups)
         if rows is None:
             return self.encode_embeddings(embeddings, ids)
-        end = rows.end
         embeddings = embeddings.to(self._dtype)
-        pos = tm.embeddings.position_embedding.weight[:end].to(embeddings.dtype)
-        per = len(ids) // groups  # each group's prefix is read from its first prompt
-        x = rows.flatten(embeddings[::per, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
-        mask = causal_mask(end, embeddings.dtype, embeddings.device)
+        x = rows.embed(embeddings, tm.embeddings.position_embedding.weight.to(embeddings.dtype))
+        mask = causal_mask(rows.end, embeddings.dtype, embeddings.device)
         for layer in layers:
             attn = layer.self_attn
             h = layer.layer_norm1(x)

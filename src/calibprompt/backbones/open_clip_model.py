@@ -314,16 +314,11 @@ class OpenClipBackbone(Backbone):
         if self.is_bert or blocks is None or not all(_plain_block(b) for b in blocks) or prefix < 1:
             return self.encode_embeddings(embeddings, ids)
         embeddings = embeddings.to(self._dtype)
-        if len(ids) % groups:
-            raise ValueError(f"{len(ids)} prompts do not split into {groups} groups of equal size")
         rows = suffix_rows(self, ids, prefix, lambda t: t.argmax(dim=-1), groups)  # end token: the highest id
         if rows is None:
             return self.encode_embeddings(embeddings, ids)
-        end = rows.end
-        pos = m.positional_embedding[:end].to(embeddings.dtype)
-        per = len(ids) // groups  # each group's prefix is read from its first prompt
-        x = rows.flatten(embeddings[::per, :prefix] + pos[:prefix], embeddings[:, prefix:end] + pos[prefix:end])
-        causal = m.attn_mask[:end, :end].to(embeddings.dtype)
+        x = rows.embed(embeddings, m.positional_embedding.to(embeddings.dtype))
+        causal = m.attn_mask[: rows.end, : rows.end].to(embeddings.dtype)
         for block in blocks:
             q, k, v = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias).chunk(3, dim=-1)
             x = x + block.ls_1(block.attn.out_proj(rows.attention(q, k, v, block.attn.num_heads, causal)))

@@ -68,10 +68,13 @@ class SuffixRows:
         self.last = groups * prefix + torch.cumsum(lengths, 0) - 1  # each prompt's end token in the flat rows
         self.end = prefix + self.width  # positions past this are padding in every prompt
 
-    def flatten(self, prefix_rows: torch.Tensor, suffixes: torch.Tensor) -> torch.Tensor:
-        """(G, P, D) prefixes and (K, width, D) padded suffixes -> the flat rows."""
-        d = suffixes.shape[-1]
-        return torch.cat([prefix_rows.reshape(-1, d), suffixes.reshape(-1, d)[self.slots]])
+    def embed(self, embeddings: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The flat input rows of (K, L, D) prompt ``embeddings`` plus their ``positions`` (at least
+        ``end`` rows): each group's prefix, read from its first prompt, then every prompt's suffix."""
+        p, end, d = self.prefix, self.end, embeddings.shape[-1]
+        prefixes = embeddings[:: self.k // self.groups, :p] + positions[:p]
+        suffixes = embeddings[:, p:end] + positions[p:end]
+        return torch.cat([prefixes.reshape(-1, d), suffixes.reshape(-1, d)[self.slots]])
 
     def _pad(self, rows: torch.Tensor) -> torch.Tensor:
         out = rows.new_zeros(self.k * self.width, rows.shape[-1]).index_copy(0, self.slots, rows)
@@ -96,6 +99,8 @@ def suffix_rows(owner: object, ids: torch.Tensor, prefix: int, pooling: Callable
     inside the prefix: then the full pass is used). Reading the end positions waits for the device, so the
     layout is kept on ``owner`` for as long as the same ``ids`` tensor (same object, unmodified) comes back,
     as it does at every step of prompt training."""
+    if len(ids) % groups:
+        raise ValueError(f"{len(ids)} prompts do not split into {groups} groups of equal size")
     pool_of = lambda: pooling(ids)  # noqa: E731
     try:
         version = ids._version

@@ -149,10 +149,15 @@ def fit(method: Method, backbone, dataset, resolved: dict, train_s: Sequence, tr
         val: tuple[torch.Tensor, Sequence] | None, device: torch.device, progress: bool = False,
         head_from: str | Path | None = None) -> FitResult:
     """Fit ``method`` on the training shots (or restore it from ``head_from``) and return its head."""
-    ctx = fit_context(backbone, dataset, resolved, train_s, train_views, val, device, progress)
+    return fit_method(method, fit_context(backbone, dataset, resolved, train_s, train_views, val, device, progress),
+                      head_from)
+
+
+def fit_method(method: Method, ctx: FitContext, head_from: str | Path | None = None) -> FitResult:
+    """:func:`fit` from a built :func:`fit_context` (the global torch seed set to the run's first)."""
     if head_from is not None:
         return restore(method, ctx, head_from)
-    torch.manual_seed(int(resolved["seed"]))
+    torch.manual_seed(int(ctx.seed))
     return method.fit(ctx)
 
 

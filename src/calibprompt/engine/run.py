@@ -81,13 +81,7 @@ class _Run:
 
     def fit(self, ctx=None):
         """Fit (or restore) this run's method; ``ctx``: its :meth:`fit_context`, when already built."""
-        if ctx is not None and self.head_from is None:
-            torch.manual_seed(int(self.resolved["seed"]))  # as pipeline.fit does
-            return self.method.fit(ctx)
-        train_s, val_s, _ = self.parts
-        return pipeline.fit(self.method, self.backbone, self.dataset, self.resolved, train_s, self.feats.train_views,
-                            (self.feats.evals[1], val_s) if val_s else None, self.device, progress=not self.quiet,
-                            head_from=self.head_from)
+        return pipeline.fit_method(self.method, ctx if ctx is not None else self.fit_context(), self.head_from)
 
 
 def _prepare(resolved: dict, out_dir: Path, *, quiet: bool, cache: FeatureCache | None, overwrite: bool,

@@ -41,9 +41,13 @@ def call(fn: Callable[[dict], Any], payload: dict) -> Outcome:
     try:
         value = fn(payload)
     except Exception as err:  # noqa: BLE001 - isolation: the error is recorded, the sweep goes on
-        text = f"{type(err).__name__}: {err}\n\n{traceback.format_exc(limit=20)}"
-        return Outcome(False, None, text, time.perf_counter() - start, worker_name())
+        return Outcome(False, None, error_text(err), time.perf_counter() - start, worker_name())
     return Outcome(True, value, None, time.perf_counter() - start, worker_name())
+
+
+def error_text(err: BaseException) -> str:
+    """What the store records for a failed run: the error on its first line, then its traceback."""
+    return f"{type(err).__name__}: {err}\n\n" + "".join(traceback.format_exception(err, limit=20))
 
 
 class LocalExecutor:

@@ -72,6 +72,8 @@ class RunSpec:
     shots: int
     seed: int
     variant: dict = field(default_factory=dict)  # the sweep values of this run (dotted key -> value)
+    #: runs with the same value may train together (``calibprompt sweep``; None: the run trains alone)
+    batch_group: str | None = None
 
     @property
     def run_id(self) -> str:
@@ -89,6 +91,20 @@ class RunSpec:
     def labels(self) -> dict:
         return {"backbone": self.backbone, "dataset": self.dataset, "method": self.method,
                 "shots": self.shots, "seed": self.seed, "variant": dict(self.variant)}
+
+
+def batch_group(resolved: dict) -> str | None:
+    """The key of the runs that may train together (see ``engine.run.run_many``): a prompt-learning method
+    that can, and one backbone, data split shape, prompt layout, step count and text precision."""
+    from calibprompt.methods import METHODS
+    from calibprompt.settings import sha256_json
+
+    if not getattr(METHODS[resolved["resolved_method"]["kind"]], "batchable", lambda: False)():
+        return None
+    tr = resolved["train"]
+    return sha256_json({k: resolved.get(k) for k in ("backbone", "data", "shots", "val_shots", "split_file",
+                                                      "split_by", "prompt", "device")}
+                       | {"train": [tr["epochs"], tr["batch_size"], tr["drop_last"], tr.get("amp", "none")]})
 
 
 def variant_key(variant: dict) -> str:
@@ -285,7 +301,7 @@ class Grid:
                                 continue
                             seen.add(digest)
                             specs.append(RunSpec(cfg, digest, backbone, dataset, label, int(resolved["shots"]),
-                                                 seed, variant))
+                                                 seed, variant, batch_group(resolved)))
         return specs
 
     # ---- hyper-parameter tables -------------------------------------------------------------------

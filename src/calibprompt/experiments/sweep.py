@@ -26,7 +26,7 @@ from typing import Any, Callable
 from calibprompt.experiments.executors import check_jobs, make_executor
 from calibprompt.experiments.grid import Grid, RunSpec
 from calibprompt.experiments.store import ResultStore, default_url, public_url
-from calibprompt.experiments.tasks import execute_run, execute_runs
+from calibprompt.experiments.tasks import execute_runs
 from calibprompt.features import FeatureCache
 from calibprompt.progress import FolderBusy, folder_lock, folder_log  # noqa: F401 - FolderBusy re-exported
 from calibprompt.config import DEFAULTS
@@ -144,28 +144,8 @@ def run_sweep(grid: Grid, out_dir: str | Path, *, store_url: str | None = None, 
     return summary
 
 
-def batch_group(spec: RunSpec) -> str | None:
-    """The runs that may train together (see ``engine.run.run_many``) share this key: a prompt-learning
-    method, and one backbone, data split shape, prompt layout and step count. None: the run goes alone."""
-    from calibprompt.config import resolve
-    from calibprompt.methods import METHODS
-    from calibprompt.settings import sha256_json
-
-    try:
-        resolved = resolve(spec.config)
-        method = METHODS[resolved["resolved_method"]["kind"]]
-    except Exception:  # noqa: BLE001 - a config that does not resolve fails in its own task, with its message
-        return None
-    if not getattr(method, "batchable", lambda: False)():
-        return None
-    tr = resolved["train"]
-    return sha256_json({k: resolved.get(k) for k in ("backbone", "data", "shots", "val_shots", "split_file",
-                                                      "split_by", "prompt", "device")}
-                       | {"train": [tr["epochs"], tr["batch_size"], tr["drop_last"], tr.get("amp", "none")]})
-
-
 def plan_units(todo: list, batch: int) -> list[list]:
-    """``todo`` as tasks: runs of one :func:`batch_group` in units of at most ``batch``, every other run
+    """``todo`` as tasks: runs of one ``RunSpec.batch_group`` in units of at most ``batch``, every other run
     alone; first-appearance order. The units do not depend on the executor or its workers, so a sweep gives
     the same numbers bit for bit locally, with ``--jobs`` and on Ray (fewer, larger tasks: pass
     ``--no-batch`` where many workers would otherwise idle)."""
@@ -173,7 +153,7 @@ def plan_units(todo: list, batch: int) -> list[list]:
         return [[item] for item in todo]
     groups: dict = {}
     for n, item in enumerate(todo):
-        key = batch_group(item[0])
+        key = item[0].batch_group
         groups.setdefault(key if key is not None else ("alone", n), []).append(item)
     units = []
     for members in groups.values():  # near-equal units: 20 runs at most 16 per unit are 10 + 10, not 16 + 4
@@ -203,14 +183,10 @@ def _execute(todo, store: ResultStore, sweep_id: str, summary: SweepSummary, cac
                     store.mark_running(sweep_id, spec.config_hash, worker=ex.name)
                 # tracking is mirrored here, under the sweep's parent run, not by the worker
                 configs = [{**spec.config, "tracking": dict(DEFAULTS["tracking"])} for spec, _ in unit]
-                base = {"cache_root": cache_root, "ship": ship, **ex.task_options()}
-                if len(unit) == 1:
-                    ex.submit(execute_run, {"config": configs[0], "run_dir": str(unit[0][1]), **base}, tag=unit)
-                else:
-                    ex.submit(execute_runs, {"configs": configs, "run_dirs": [str(d) for _, d in unit], **base},
-                              tag=unit)
+                ex.submit(execute_runs, {"configs": configs, "run_dirs": [str(d) for _, d in unit],
+                                         "cache_root": cache_root, "ship": ship, **ex.task_options()}, tag=unit)
             unit, outcome = ex.next_result()
-            entries = outcome.value["runs"] if outcome.ok and len(unit) > 1 else [outcome.value] * len(unit)
+            entries = outcome.value["runs"] if outcome.ok else [{}] * len(unit)
             for (spec, run_dir), entry in zip(unit, entries):
                 summary.executed += 1
                 error = entry.get("error") if outcome.ok else outcome.error

@@ -4,10 +4,10 @@ trial. They take and return plain picklable data, so Ray can ship them."""
 from __future__ import annotations
 
 import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
+from calibprompt.experiments.executors import error_text
 from calibprompt.features import FeatureCache
 
 _CACHES: dict[str, FeatureCache] = {}
@@ -33,27 +33,17 @@ def _slot(payload: dict, cfg: dict) -> dict:
     return cfg
 
 
-def execute_run(payload: dict) -> dict[str, Any]:
-    """One sweep run. ``ship``: run in a temporary folder and return the files' bytes (the driver
-    writes them, ``metrics.json`` last); else write straight into ``run_dir``."""
-    from calibprompt.engine.run import run
-
-    cfg = _slot(payload, payload["config"])
-    cache = shared_cache(payload.get("cache_root"))
-    if not payload.get("ship"):
-        # the folder is named by this config's hash and owned by the sweep: anything else in it is stale
-        return {"result": run(cfg, payload["run_dir"], quiet=True, cache=cache, overwrite=True)}
-    with tempfile.TemporaryDirectory(prefix="calibprompt-run-") as tmp:
-        result = run(cfg, tmp, quiet=True, cache=cache)
-        files = {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir())
-                 if p.is_file() and not p.name.startswith(".")}  # not the run folder's lock files
-    return {"result": result, "files": files}
+def _run_files(folder: str | Path) -> dict[str, bytes]:
+    """The files of a run folder, by name, for the driver to write (not the folder's lock files)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
 def execute_runs(payload: dict) -> dict[str, Any]:
-    """Several sweep runs in one task (``payload["configs"]``, ``payload["run_dirs"]``): CoOp configurations
-    that can train together do, with one text-encoder pass per step (``engine.run.run_many``). Returns
-    ``{"runs": [...]}``, one entry per run: ``{"result": ...}`` (plus ``"files"`` when shipping) or
+    """One or several sweep runs in one task (``payload["configs"]``, ``payload["run_dirs"]``): CoOp
+    configurations that can train together do, with one text-encoder pass per step (``engine.run.run_many``).
+    ``ship``: run in temporary folders and return the files' bytes (the driver writes them, ``metrics.json``
+    last); else write straight into the run folders, which the sweep owns (anything else in them is stale).
+    Returns ``{"runs": [...]}``, one entry per run: ``{"result": ...}`` (plus ``"files"`` when shipping) or
     ``{"error": text}``; one run's failure does not fail the others."""
     from calibprompt.engine.run import run_many
 
@@ -65,11 +55,9 @@ def execute_runs(payload: dict) -> dict[str, Any]:
         runs = []
         for folder, result in zip(folders, results):
             if isinstance(result, BaseException):
-                runs.append({"error": f"{type(result).__name__}: {result}\n\n"
-                                      + "".join(traceback.format_exception(result, limit=20))})
+                runs.append({"error": error_text(result)})
             elif payload.get("ship"):
-                runs.append({"result": result, "files": {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir())
-                                                         if p.is_file() and not p.name.startswith(".")}})
+                runs.append({"result": result, "files": _run_files(folder)})
             else:
                 runs.append({"result": result})
     return {"runs": runs}

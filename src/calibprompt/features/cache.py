@@ -213,7 +213,7 @@ class FeatureCache:
                 rows, missing = self.store(weights, dim).get(keys)
             except OSError as err:
                 self.readable = False
-                self._disk_failed(err)
+                self._disk_failed(err, "read")
         if missing and self.memory:
             held = [j for j in missing if keys[j] in self.memory]
             for j in held:
@@ -233,7 +233,7 @@ class FeatureCache:
         """Fill ``rows`` from per-image files of an older calibprompt and move those into the store."""
         moved, left = [], []
         for j in missing:
-            feat = read_legacy(self.root, weights, keys[j], dim, _digest)
+            feat = read_legacy(self.root, weights, keys[j], dim)
             if feat is None:
                 left.append(j)
             else:
@@ -319,10 +319,10 @@ class FeatureCache:
             for key, feat in rows:
                 self.memory[key] = feat.clone()  # own storage: a row must not keep its batch alive
 
-    def _disk_failed(self, err: OSError) -> None:
-        # The cache is an optimisation: a full or read-only disk must not fail the run.
+    def _disk_failed(self, err: OSError, what: str = "write") -> None:
+        # The cache is an optimisation: a full, read-only or unreadable disk must not fail the run.
         self.writable = False
-        note(f"feature cache: cannot write under {self.root} ({err.strerror or err}); features are kept in "
+        note(f"feature cache: cannot {what} under {self.root} ({err.strerror or err}); features are kept in "
              "memory for this process only. Free space or set CALIBPROMPT_CACHE / cache_dir to another folder.")
 
 
@@ -359,11 +359,6 @@ def _release_freed_memory() -> None:
                 pass
     if _MALLOC_TRIM:
         _MALLOC_TRIM(0)
-
-
-def _digest(feat: torch.Tensor) -> str:
-    """sha256 of a feature's float32 bytes: detects a flipped byte anywhere in a cached file."""
-    return hashlib.sha256(feat.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,15 @@ values, checksum), and the move is announced once per cache root."""
 
 from __future__ import annotations
 
-import logging
+import hashlib
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from calibprompt.features.store import damage_note, remove
 from calibprompt.progress import note
-
-log = logging.getLogger(__name__)
 
 _SHARD = re.compile(r"^[0-9a-f]{2}$")
 
@@ -31,7 +30,7 @@ def legacy_path(root: Path, weights: str, key: str) -> Path:
     return root / weights[:16] / key[:2] / f"{key}.safetensors"
 
 
-def read_legacy(root: Path, weights: str, key: str, dim: int, digest) -> torch.Tensor | None:
+def read_legacy(root: Path, weights: str, key: str, dim: int) -> torch.Tensor | None:
     """The feature stored under ``key`` by the per-image layout, or None (absent, or invalid: then removed
     with a note, so it is recomputed)."""
     path = legacy_path(root, weights, key)
@@ -53,7 +52,7 @@ def read_legacy(root: Path, weights: str, key: str, dim: int, digest) -> torch.T
         if "sha256" not in meta:
             note(f"feature cache: entries under {root} written by an older calibprompt (no checksum) are "
                  "recomputed once", key=f"legacy:{root}")
-            _unlink(path)
+            remove(path)
             return None
         if meta["sha256"] != digest(feat):
             raise ValueError("its checksum does not match its content")
@@ -63,24 +62,20 @@ def read_legacy(root: Path, weights: str, key: str, dim: int, digest) -> torch.T
 
 
 def _discard(root: Path, path: Path, err: Exception) -> None:
-    note(f"feature cache: recomputing damaged entries under {root} (first: {path.name}: {err})",
-         key=f"damaged:{root}")
-    log.info("discarding invalid cache entry %s (%s)", path, err)
-    _unlink(path)
+    damage_note(root, path, str(err))
+    remove(path)  # a read-only cache keeps it: skipped, never trusted
     return None
 
 
-def _unlink(path: Path) -> None:
-    try:
-        path.unlink(missing_ok=True)
-    except OSError:  # a read-only cache: the entry is skipped, not trusted
-        pass
+def digest(feat: torch.Tensor) -> str:
+    """sha256 of a feature's float32 bytes, as the per-image layout stored it beside each feature."""
+    return hashlib.sha256(feat.detach().float().contiguous().numpy().tobytes()).hexdigest()
 
 
 def remove_moved(root: Path, weights: str, keys: list[str]) -> None:
     """Delete the per-image files of ``keys`` (now in the store) and the shard folders left empty."""
     for key in keys:
-        _unlink(legacy_path(root, weights, key))
+        remove(legacy_path(root, weights, key))
     for folder in legacy_folders(root, weights):
         try:
             folder.rmdir()  # only when empty

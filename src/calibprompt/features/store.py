@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import struct
 import threading
 import time
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 
 from calibprompt.progress import note
+from calibprompt.settings import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class FeatureStore:
     def _reject(self, path: Path, why: str) -> None:
         self._seen.add(path.name)  # not opened again by this process, even where it cannot be removed
         _damage_note(self.folder, path, why)
-        _remove(path)
+        remove(path)
 
     def _salvage(self, path: Path, keys: np.ndarray, feats: np.ndarray, digests: np.ndarray) -> None:
         """Keep the rows of a damaged segment whose own digest still matches and are finite."""
@@ -195,7 +195,7 @@ class FeatureStore:
         except OSError as err:  # a read-only store: the good rows are still not trusted without a checksum
             log.info("feature store: cannot rewrite the salvaged rows of %s: %s", path, err)
             return
-        _remove(path)
+        remove(path)
 
     # ---- writing ------------------------------------------------------------------------------
     def put(self, keys: Sequence[str], rows: torch.Tensor | np.ndarray) -> None:
@@ -223,19 +223,12 @@ class FeatureStore:
     def _write(self, keys: np.ndarray, feats: np.ndarray, digests: np.ndarray, name: str | None = None) -> Path:
         from safetensors.numpy import save
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "weights": self.weights, "rows": str(len(feats)), "dim": str(self.dim),
                 "sha256": _sha256(keys, feats, digests)}
         data = save({"keys": keys, "features": feats, "row_digest": digests}, metadata=meta)
         # Names sort by creation time, so the oldest copy of a key wins in every process.
         path = self.folder / (name or f"seg-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.safetensors")
-        tmp = self.folder / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            _write_bytes(tmp, data)
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        atomic_write_bytes(path, data)  # a temporary ".seg-*.tmp" renamed into place
         self.files_written += 1
         self._verified.add(path.name)
         self._open(path)
@@ -264,7 +257,7 @@ class FeatureStore:
             del small, live
             self._reset()  # let go of this process's mappings before removing the files
             for path in paths:
-                if not _remove(path):
+                if not remove(path):
                     self._undeletable.add(path.name)
             _remove_stale_temporaries(self.folder)
             self.refresh()
@@ -312,12 +305,16 @@ def _row_digest(key: np.ndarray | bytes, row: np.ndarray) -> bytes:
 
 
 def _damage_note(folder: Path, path: Path, why: str) -> None:
-    root = folder.parent.parent
+    damage_note(folder.parent.parent, path, why)
+
+
+def damage_note(root: Path, path: Path, why: str) -> None:
+    """One note per cache root that damaged entries are recomputed (the first one named), each in the log."""
     note(f"feature cache: recomputing damaged entries under {root} (first: {path.name}: {why})", key=f"damaged:{root}")
-    log.info("feature store: %s %s", path, why)
+    log.info("feature cache: discarding %s (%s)", path, why)
 
 
-def _remove(path: Path) -> bool:
+def remove(path: Path) -> bool:
     try:
         path.unlink(missing_ok=True)
         return True
@@ -336,7 +333,3 @@ def _remove_stale_temporaries(folder: Path, older_than: float = 3600.0) -> None:
         except OSError:
             pass
 
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:  # Python's write releases the GIL (safetensors' save_file does not)
-        handle.write(data)

@@ -20,6 +20,14 @@ from calibprompt.methods.heads import Head
 from calibprompt.settings import registrar
 
 
+def check_labels(labels: torch.Tensor, n_classes: int, what: str = "training") -> None:
+    """Labels in [0, K), checked once before any device work: the losses check labels per call only on the
+    CPU (on an accelerator that check would wait for the device at every step)."""
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        raise ValueError(f"{what} labels must lie in [0, {n_classes - 1}] ({n_classes} classes), "
+                         f"got values in [{int(labels.min())}, {int(labels.max())}]")
+
+
 @dataclass
 class FitContext:
     """What a method may use to fit. Never holds test images or labels.
@@ -45,12 +53,9 @@ class FitContext:
     zs_text_raw: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        # Checked once here, before any device work: the losses check labels per call only on the CPU
-        # (on an accelerator that check would wait for the device at every step).
-        for name, labels in (("training", self.labels), ("validation", self.val_labels)):
-            if labels is not None and len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(f"{name} labels must lie in [0, {self.num_classes - 1}] ({self.num_classes} classes), "
-                                 f"got values in [{int(labels.min())}, {int(labels.max())}]")
+        check_labels(self.labels, self.num_classes)
+        if self.val_labels is not None:
+            check_labels(self.val_labels, self.num_classes, "validation")
 
     @property
     def num_classes(self) -> int:

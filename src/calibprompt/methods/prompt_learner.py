@@ -94,6 +94,12 @@ class PromptLearner(nn.Module):
     def n_classes(self) -> int:
         return len(self.classnames)
 
+    @property
+    def prefix_length(self) -> int:
+        """Positions every class prompt shares (the start token and a shared context placed before the
+        class name), for ``Backbone.encode_shared_prefix``; 0 when they differ (CSC, class in front/middle)."""
+        return 1 + self.n_ctx if self.position == "end" and self.ctx.dim() == 2 else 0
+
     def forward(self, ctx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Assembled prompt embeddings (K, L, D) and the matching token ids (K, L).
 
@@ -125,8 +131,8 @@ class PromptLearner(nn.Module):
         embeddings, ids = self(ctx)
         # Pooling and masks depend only on where real tokens are; moving the class tokens (front/middle)
         # keeps every sequence's length and its end-token position, so the prompt's own ids serve.
-        if shared_prefix and self.position == "end" and self.ctx.dim() == 2:  # shared context, not CSC
-            feats = backbone.encode_shared_prefix(embeddings, ids, 1 + self.n_ctx)
+        if shared_prefix and self.prefix_length:
+            feats = backbone.encode_shared_prefix(embeddings, ids, self.prefix_length)
         else:
             feats = backbone.encode_embeddings(embeddings, ids)
         return torch.nn.functional.normalize(feats.float(), dim=-1)

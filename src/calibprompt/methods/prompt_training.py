@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from calibprompt.backbones.base import Backbone
 from calibprompt.features.cache import AMP_DTYPES, autocast
+from calibprompt.methods.base import check_labels
 from calibprompt.methods.prompt_learner import PromptLearner
 from calibprompt.progress import progress as make_progress
 
@@ -41,7 +42,7 @@ class TrainSettings:
     optimizer: str = "sgd"
     drop_last: bool = True  # applied only when the training set has >= batch_size images (Dassl)
     shared_prefix: bool = True  # causal towers: the start token and shared context once per step
-    amp: str = "none"  # mixed precision of the text pass and losses: "bf16", "fp16" (loss-scaled) or "none"
+    amp: str = "none"  # mixed precision of the text tower's pass: "bf16", "fp16" (loss-scaled) or "none"
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -247,8 +248,7 @@ def train_prompts_batched(backbone: Backbone, learners: Sequence[PromptLearner],
     # The prompts' token ids do not change during training: one tensor per chunk, so the shared-prefix
     # pass reads each chunk's layout once (Backbone.encode_shared_prefix), not every step.
     chunk_ids = [torch.cat([learners[c].ids for c in chunk]) for chunk in chunks]
-    prefix = 1 + first.n_ctx if base.shared_prefix and all(
-        learner.position == "end" and learner.ctx.dim() == 2 for learner in learners) else 0
+    prefix = first.prefix_length if base.shared_prefix and all(learner.prefix_length for learner in learners) else 0
     for epoch in range(base.epochs):
         if bar is not None and epoch:
             bar.update(1)
@@ -332,13 +332,6 @@ def step(loss: torch.Tensor | None, optimizer, scaler) -> int:
     scaler.step(optimizer)
     scaler.update()
     return int(scaler.get_scale() < before)
-
-
-def check_labels(labels: torch.Tensor, n_classes: int) -> None:
-    """Labels in [0, K): checked once before training (the losses skip the check off the CPU)."""
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
-        raise ValueError(f"training labels must lie in [0, {n_classes - 1}], got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
 
 
 def _mean(losses: list[torch.Tensor]) -> float:
