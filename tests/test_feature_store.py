@@ -155,6 +155,19 @@ def test_two_processes_append_and_compact_the_same_store(tmp_path):
     assert len(list(tmp_path.glob("seg-*.safetensors"))) <= MAX_SEGMENTS + 1  # each writer compacts what it sees
 
 
+def test_four_processes_merging_the_same_segments_lose_no_row(tmp_path, caplog):
+    """Merges started at once by several writers take in the same oldest segment: each merged file has a
+    name of its own (one replacing another lost the rows only it held, and a reader could map half of it)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path), str(first)], cwd=ROOT)
+             for first in (0, 60, 120, 180)]
+    assert [p.wait(timeout=180) for p in procs] == [0, 0, 0, 0]
+    with caplog.at_level(logging.WARNING, logger="calibprompt"):
+        got, missing = FeatureStore(tmp_path, WEIGHTS, 4).get(_keys(0, 240))
+    assert missing == []
+    assert torch.equal(got, torch.arange(240.0)[:, None].expand(240, 4))
+    assert not [r for r in caplog.records if "damaged" in r.getMessage()]
+
+
 def _write_per_image(root: Path, weights: str, key: str, feat: torch.Tensor, checksum: bool = True) -> Path:
     """An entry as calibprompt wrote them before the store: one safetensors file per feature."""
     path = root / weights[:16] / key[:2] / f"{key}.safetensors"

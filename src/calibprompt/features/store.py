@@ -236,9 +236,12 @@ class FeatureStore:
 
     def compact(self, limit: int = MAX_SEGMENTS) -> int:
         """Merge the smaller half of the segments into one when there are more than ``limit``; returns the
-        number of files removed. Safe beside readers and writers in other processes: the merged segment is
-        in place before the old ones go, and it holds only the rows that win their key (the oldest copy),
-        under a name that sorts where its oldest member did, so every process resolves keys as before."""
+        number of files removed. Safe beside readers, writers and compactions in other processes: the merged
+        segment is in place before the old ones go, and it keeps every key of its members (one copy each, the
+        oldest among them) whatever other segments hold, since another process may be removing those at the
+        same moment. It is named where its oldest member sorted, so keys resolve as before (a key copied into
+        segments outside the merge, by two writers without the encode lock, may then resolve to a copy of
+        another age: such copies differ in their last bits at most)."""
         with self._lock:
             self.refresh()
             live = [seg for seg in self._segments if seg.path.name not in self._undeletable]
@@ -246,13 +249,13 @@ class FeatureStore:
                 return 0
             small = sorted(sorted(live, key=lambda seg: seg.rows)[: max(2, len(live) // 2)],
                            key=lambda seg: seg.path.name)
-            keep = [np.array([self._index.get(bytes(seg.keys[i])) == seg.start + i for i in range(seg.rows)],
-                             dtype=bool) for seg in small]
-            oldest = small[0].path.name
-            self._write(np.concatenate([seg.keys[m] for seg, m in zip(small, keep)]),
-                        np.concatenate([seg.features[m] for seg, m in zip(small, keep)]),
-                        np.concatenate([seg.digests[m] for seg, m in zip(small, keep)]),
-                        name=oldest.replace(".safetensors", "-m.safetensors"))
+            keys = np.concatenate([seg.keys for seg in small])  # oldest member first
+            _, first = np.unique(keys, axis=0, return_index=True)
+            first.sort()  # one copy of each key: its first, i.e. oldest, occurrence
+            self._write(keys[first], np.concatenate([seg.features for seg in small])[first],
+                        np.concatenate([seg.digests for seg in small])[first],
+                        # right after its oldest member; unique, as two processes may merge that member at once
+                        name=small[0].path.name.replace(".safetensors", f"-m{uuid.uuid4().hex[:12]}.safetensors"))
             paths = [seg.path for seg in small]
             del small, live
             self._reset()  # let go of this process's mappings before removing the files
