@@ -36,8 +36,10 @@ def _rows(out):
 
 def test_sweep_killed_mid_run_resumes_with_one_row_per_run(tmp_path, model, images):
     grid, out = _grid(tmp_path, model, images), tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "-m", "calibprompt", "sweep", str(grid), "--out", str(out), "--quiet"],
-                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # --no-batch: runs one after another, so a kill can land between two of them (runs trained together
+    # finish within milliseconds of each other; their crash case is in tests/test_sweep_batched.py)
+    proc = subprocess.Popen([sys.executable, "-m", "calibprompt", "sweep", str(grid), "--out", str(out), "--quiet",
+                             "--no-batch"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and not list(out.glob("runs/*/metrics.json")):
         time.sleep(0.2)
